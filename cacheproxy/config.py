@@ -1,0 +1,110 @@
+"""Every setting of cacheproxy, in one place.
+
+Read from (highest first): constructor arguments (the CLI's flags), environment variables
+`CACHEPROXY_*`, a `.env` file, and the TOML file named by `CACHEPROXY_CONFIG` (default
+`cacheproxy.toml` in the working directory, when present).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/cacheproxy"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CACHEPROXY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_nested_delimiter="__",
+    )
+
+    # --- serving -------------------------------------------------------------------------
+    model: str | None = Field(
+        default=None,
+        description="Hugging Face folder or hub id; unset serves the built-in tiny model.",
+    )
+    served_model_name: str | None = Field(default=None, description="Name clients use; default: model.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = DEFAULT_DATA_DIR
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    seed: int = 0
+
+    # --- engine --------------------------------------------------------------------------
+    block_size: int = Field(default=16, ge=1, le=256)
+    max_model_len: int | None = Field(default=None, description="Cap on prompt + generated tokens.")
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences decoded together.")
+    max_num_batched_tokens: int = Field(
+        default=2048, ge=16, description="Tokens of one step; longer prompts prefill in chunks."
+    )
+    gpu_memory_utilization: float = Field(default=0.90, gt=0.0, le=1.0)
+    kv_cache_bytes: int | None = Field(default=None, description="Cap on the engine's KV pool.")
+    num_kv_blocks: int | None = Field(default=None, description="Exact pool size (overrides bytes).")
+    cuda_graphs: bool = True
+
+    # --- cache ---------------------------------------------------------------------------
+    cache_scope: Literal["tenant", "global"] = "tenant"
+    cache_policy: Literal["write_back", "write_through"] = "write_back"
+    hash_seed: int = Field(default=0, description="Deployment secret seed of the block hashes.")
+    cpu_cache_bytes: int = Field(default=2 << 30, ge=0)
+    disk_cache_enabled: bool = True
+    disk_cache_bytes: int = Field(default=16 << 30, ge=1 << 20, description="LMDB map_size.")
+    disk_write_queue: int = Field(default=1024, ge=1)
+    redis_url: str | None = None
+    redis_ttl_s: int = Field(default=24 * 3600, ge=1)
+    redis_max_bytes: int = Field(default=8 << 30, ge=0)
+    redis_timeout_s: float = Field(default=0.25, gt=0)
+    cost_model: bool = Field(default=True, description="Skip a tier when recompute is faster.")
+
+    # --- server --------------------------------------------------------------------------
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, description="API key -> tenant. Empty: any key, one tenant."
+    )
+    admin_key: str | None = None
+    max_waiting_requests: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    default_max_tokens: int = Field(default=256, ge=1)
+    records_file: str = "records.jsonl"
+
+    # --- logging -------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_json: bool | None = Field(default=None, description="JSON logs; default: when not a TTY.")
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return Path(os.path.expanduser(str(v)))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("CACHEPROXY_CONFIG", "cacheproxy.toml"))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if toml_path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+    @property
+    def records_path(self) -> Path:
+        return self.data_dir / self.records_file

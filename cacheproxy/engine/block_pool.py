@@ -1,0 +1,117 @@
+"""The KV pool and its block allocator; also the GPU tier of the prefix cache.
+
+Pool layout (DESIGN.md): `[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`, one
+contiguous span per block. A block whose last reference goes keeps its hash and content and waits
+in an LRU of evictable blocks; it is reused (and only then evicted) when the free list runs dry.
+Blocks referenced by a running sequence are never evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class BlockIdentity:
+    """What a cached block claims to be; compared before any reuse."""
+
+    hash: bytes
+    parent: bytes
+    token_ids: tuple[int, ...]
+
+
+# Called with (block id, identity) just before a cached block's content is overwritten.
+EvictHook = Callable[[int, BlockIdentity], None]
+
+
+class BlockPool:
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+        self.num_blocks = kv.shape[0]
+        self.block_size = kv.shape[3]
+        self.ref_counts = [0] * self.num_blocks
+        self.identity: list[BlockIdentity | None] = [None] * self.num_blocks
+        self.by_hash: dict[bytes, int] = {}
+        # Evictable blocks, least recently used first; blocks with no identity sit in front.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(self.num_blocks))
+        self.on_evict: EvictHook | None = None
+        self.evictions = 0
+
+    @property
+    def block_bytes(self) -> int:
+        return self.kv[0].numel() * self.kv.element_size()
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.by_hash)
+
+    def allocate(self) -> int:
+        """A fresh block with refcount 1. Raises IndexError when every block is in use."""
+        block, _ = self.free.popitem(last=False)
+        ident = self.identity[block]
+        if ident is not None:
+            if self.on_evict is not None:
+                self.on_evict(block, ident)
+            del self.by_hash[ident.hash]
+            self.identity[block] = None
+            self.evictions += 1
+        self.ref_counts[block] = 1
+        return block
+
+    def lookup(self, block_hash: bytes, parent: bytes, token_ids: tuple[int, ...]) -> int | None:
+        """The cached block with this hash, only if its parent and tokens also match."""
+        block = self.by_hash.get(block_hash)
+        if block is None:
+            return None
+        ident = self.identity[block]
+        if ident is None or ident.parent != parent or ident.token_ids != token_ids:
+            return None
+        return block
+
+    def acquire(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free[block]
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free[block] = None
+            if self.identity[block] is None:
+                self.free.move_to_end(block, last=False)
+
+    def register(self, block: int, ident: BlockIdentity) -> bool:
+        """Marks a filled block as holding `ident`; False when another block holds it already."""
+        if ident.hash in self.by_hash or self.identity[block] is not None:
+            return False
+        self.identity[block] = ident
+        self.by_hash[ident.hash] = block
+        return True
+
+    def touch(self, block: int) -> None:
+        if block in self.free:
+            self.free.move_to_end(block)
+
+    def evict(self, block_hash: bytes | None = None) -> int:
+        """Drops cached, unreferenced blocks (one hash, or all); returns how many."""
+        targets = [self.by_hash[block_hash]] if block_hash in self.by_hash else []
+        if block_hash is None:
+            targets = list(self.by_hash.values())
+        n = 0
+        for block in targets:
+            if self.ref_counts[block] == 0:
+                ident = self.identity[block]
+                assert ident is not None
+                del self.by_hash[ident.hash]
+                self.identity[block] = None
+                self.free.move_to_end(block, last=False)
+                n += 1
+        return n

@@ -1,0 +1,110 @@
+"""The parts of a Hugging Face config.json that the engine needs, checked on load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cacheproxy.engine.request import EngineError
+
+# architecture name -> (q/k/v bias, q/k RMSNorm)
+SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
+    "LlamaForCausalLM": (False, False),
+    "MistralForCausalLM": (False, False),
+    "Qwen2ForCausalLM": (True, False),
+    "Qwen3ForCausalLM": (False, True),
+}
+
+
+class UnsupportedModel(EngineError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="unsupported_model", status=400)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    torch_dtype: str
+    eos_token_id: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            named = ", ".join(archs) or cfg.get("model_type", "unknown")
+            raise UnsupportedModel(
+                f"unsupported architecture {named}; cacheproxy serves "
+                + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+            )
+        bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        rope_scaling = cfg.get("rope_scaling")
+        if rope_scaling is not None:
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise UnsupportedModel(f"unsupported rope_scaling type {kind!r} (have: default, linear, llama3)")
+        sliding = cfg.get("sliding_window")
+        if arch != "MistralForCausalLM" and not cfg.get("use_sliding_window", False):
+            sliding = None
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", bias)),
+            qk_norm=qk_norm,
+            sliding_window=int(sliding) if sliding else None,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            eos_token_id=eos_ids,
+            bos_token_id=cfg.get("bos_token_id"),
+        )
+
+    @classmethod
+    def from_path(cls, path: Path) -> ModelConfig:
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except FileNotFoundError as e:
+            raise UnsupportedModel(f"{path} has no config.json") from e
+        return cls.from_dict(cfg)
+
+    @property
+    def max_context(self) -> int:
+        """Longest context the engine serves: the window if the model has one (we attend fully)."""
+        if self.sliding_window is not None:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    def kv_bytes_per_token(self, elem_size: int) -> int:
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem_size

@@ -1,0 +1,84 @@
+"""What goes into the engine and what comes out: the contract between the server and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `code` follows the OpenAI error codes."""
+
+    def __init__(self, message: str, code: str = "invalid_request_error", status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class EngineOverloaded(EngineError):
+    def __init__(self, message: str = "too many requests waiting; retry later") -> None:
+        super().__init__(message, code="rate_limit_exceeded", status=429)
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the top k
+    min_tokens: int = 0
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise EngineError("max_tokens must be at least 1", "invalid_value")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise EngineError("temperature must be between 0 and 100", "invalid_value")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineError("top_p must be in (0, 1]", "invalid_value")
+        if self.top_k < 0:
+            raise EngineError("top_k must be >= 0", "invalid_value")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise EngineError("top_logprobs must be between 0 and 20", "invalid_value")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # Namespaces the prefix cache: the tenant salt (and a client's cache_salt). "" = global.
+    cache_salt: str = ""
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class GenerationOutput:
+    """One step's worth of a request's output: a text delta and its token ids."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    # Filled on the first output of a request (and repeated on the last):
+    cached_tokens: int = 0
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    queue_time_s: float = 0.0
+    logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it

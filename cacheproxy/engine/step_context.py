@@ -1,0 +1,36 @@
+"""Per-step attention metadata, set by the runner once and read by every attention layer.
+
+One object per forward pass instead of threading a dozen tensors through every module call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class StepContext:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V goes in the pool
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    # prefill only
+    cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32
+    cached_lens: torch.Tensor | None = None  # [B] int32: tokens already in the pool before this step
+    # decode only
+    context_lens: torch.Tensor | None = None  # [B] int32: including the token of this step
+
+
+_current: StepContext | None = None
+
+
+def set_context(ctx: StepContext | None) -> None:
+    global _current
+    _current = ctx
+
+
+def get_context() -> StepContext:
+    if _current is None:
+        raise RuntimeError("attention called outside of an engine step")
+    return _current

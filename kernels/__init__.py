@@ -1,0 +1,45 @@
+"""Attention and block-movement kernels: Triton on CUDA, the torch twins elsewhere.
+
+One function per op; each picks its implementation from the tensors it is given. Set
+`CACHEPROXY_KERNELS=reference` to force the torch twins (debugging, comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+
+try:  # Triton is optional off CUDA; the twins cover the CPU path.
+    from kernels import triton_ops as _triton
+except Exception:  # pragma: no cover - depends on the install
+    _triton = None  # type: ignore[assignment]
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return _triton is not None and t.is_cuda and os.environ.get("CACHEPROXY_KERNELS") != "reference"
+
+
+def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale):  # type: ignore[no-untyped-def]
+    impl = _triton if _use_triton(q) else reference
+    return impl.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale)
+
+
+def prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale):  # type: ignore[no-untyped-def]
+    impl = _triton if _use_triton(q) else reference
+    return impl.prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):  # type: ignore[no-untyped-def]
+    impl = _triton if _use_triton(k) else reference
+    return impl.write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def copy_blocks(src, dst, src_ids, dst_ids):  # type: ignore[no-untyped-def]
+    impl = _triton if (_use_triton(src) and dst.is_cuda) else reference
+    return impl.copy_blocks(src, dst, src_ids, dst_ids)
+
+
+__all__ = ["copy_blocks", "paged_decode", "prefix_prefill", "reference", "write_kv"]

@@ -1,0 +1,115 @@
+"""Torch twins of the Triton kernels: the oracle of the tests and the engine's path off CUDA.
+
+Shapes follow the calls of `kernels/__init__.py`. `k_cache`/`v_cache` are (possibly strided) views
+`[num_blocks, block_size, num_kv_heads, head_dim]` of one layer of the page-first pool.
+Attention is computed in float32 (float64 when given float64) and returned in q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q[B,Hq,D] attends to the first context_lens[b] tokens of its blocks -> [B,Hq,D]."""
+    B, Hq, D = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    acc = _acc_dtype(q)
+    if B == 0:
+        return q.new_empty((0, Hq, D))
+    max_len = int(context_lens.max().item())
+    nblk = (max_len + bs - 1) // bs
+    bt = block_table[:, :nblk].long()
+    k = k_cache[bt].reshape(B, nblk * bs, Hkv, D)[:, :max_len].to(acc)
+    v = v_cache[bt].reshape(B, nblk * bs, Hkv, D)[:, :max_len].to(acc)
+    g = Hq // Hkv
+    qg = q.to(acc).view(B, Hkv, g, D)
+    scores = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale
+    pos = torch.arange(max_len, device=q.device)
+    mask = pos[None, :] >= context_lens.to(q.device).long()[:, None]
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgt,bthd->bhgd", p, v)
+    return out.reshape(B, Hq, D).to(q.dtype)
+
+
+def prefix_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cached_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Packed new tokens q/k/v[T,H,D]; sequence b's tokens sit at positions cached_lens[b] + i.
+
+    They attend to the b-th sequence's cached tokens (read from the pool through block_table) and,
+    causally, to the sequence's own new tokens.
+    """
+    T, Hq, D = q.shape
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    g = Hq // Hkv
+    acc = _acc_dtype(q)
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    cl = cached_lens.tolist()
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        n, c = e - s, cl[b]
+        if n == 0:
+            continue
+        if c > 0:
+            nblk = (c + bs - 1) // bs
+            bt = block_table[b, :nblk].long()
+            kc = k_cache[bt].reshape(nblk * bs, Hkv, D)[:c]
+            vc = v_cache[bt].reshape(nblk * bs, Hkv, D)[:c]
+            kk = torch.cat([kc, k[s:e]], 0).to(acc)
+            vv = torch.cat([vc, v[s:e]], 0).to(acc)
+        else:
+            kk, vv = k[s:e].to(acc), v[s:e].to(acc)
+        qq = q[s:e].to(acc).view(n, Hkv, g, D)
+        scores = torch.einsum("nhgd,thd->hgnt", qq, kk) * scale
+        qpos = c + torch.arange(n, device=q.device)
+        kpos = torch.arange(c + n, device=q.device)
+        scores.masked_fill_((kpos[None, :] > qpos[:, None])[None, None], float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        o = torch.einsum("hgnt,thd->nhgd", p, vv)
+        out[s:e] = o.reshape(n, Hq, D).to(q.dtype)
+    return out
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """k/v[T,Hkv,D] go to slots slot_mapping[T] (slot = block * block_size + offset); -1 skips."""
+    bs = k_cache.shape[1]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    blk, off = slots // bs, slots % bs
+    k_cache[blk, off] = k.to(k_cache.dtype)
+    v_cache[blk, off] = v.to(v_cache.dtype)
+
+
+def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """dst[dst_ids[i]] = src[src_ids[i]] for whole blocks (dim 0 indexes blocks)."""
+    dst[dst_ids.long().to(dst.device)] = src[src_ids.long().to(src.device)].to(dst.device, dst.dtype)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv with everything cacheproxy needs (CPU torch unless a CUDA torch is already there).
+# Idempotent: a second run only checks. Usage: scripts/setup.sh [dev]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+want_dev=${1:-}
+stamp=.venv/.cacheproxy-setup${want_dev:+-dev}
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# Pin the CPU build: an unpinned torch pulls a multi-GB CUDA build.
+if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q "torch==${CACHEPROXY_TORCH_VERSION:-2.13.0}"
+fi
+extras=redis,report
+[ -n "$want_dev" ] && extras=dev,redis,report
+.venv/bin/python -m pip install -q -e ".[${extras}]"
+if [ -n "$want_dev" ] && ! command -v redis-server >/dev/null 2>&1; then
+  # The tests start a real redis-server on 127.0.0.1.
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  (export DEBIAN_FRONTEND=noninteractive; $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null) \
+    || echo "warning: could not install redis-server; the Redis tests will fail" >&2
+fi
+touch "$stamp"
