@@ -1,0 +1,211 @@
+"""The prefix cache across tiers: the engine's GPU pool first, then CPU, disk and remote tiers.
+
+`match` finds the longest verified prefix, sharing GPU-resident blocks by reference and copying
+blocks of lower tiers into fresh pool blocks. Evicted pool blocks are demoted to the first lower
+tier; with `write_through` every filled block is also written down at once.
+Not thread-safe: only the engine thread calls it (the lower tiers lock themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from cacheproxy.cache.block_entry import BlockEntry
+from cacheproxy.cache.cpu_tier import CpuTier
+from cacheproxy.cache.disk_tier import DiskTier
+from cacheproxy.cache.hashing import BlockHasher
+from cacheproxy.cache.tier import KVTier
+from cacheproxy.config import Settings
+from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
+
+GPU = "gpu"
+
+
+class PrefixMatch(NamedTuple):
+    blocks: list[int]  # pool blocks, each acquired once for the caller
+    num_tokens: int
+    tokens_by_tier: dict[str, int]
+
+
+@dataclass
+class StoreCounters:
+    queries_tokens: int = 0
+    hits_tokens: Counter[str] = field(default_factory=Counter)
+    transfers: Counter[tuple[str, str]] = field(default_factory=Counter)  # (src, dst) -> bytes
+
+
+class TieredStore:
+    def __init__(
+        self,
+        pool: BlockPool,
+        hasher: BlockHasher,
+        lower_tiers: list[KVTier] | None = None,
+        policy: str = "write_back",
+        worth_loading: dict[str, bool] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.hasher = hasher
+        self.block_size = pool.block_size
+        self.tiers = list(lower_tiers or [])
+        self.policy = policy
+        # Per tier: does loading a block beat recomputing it (the cost model's verdict)?
+        self.worth_loading = worth_loading or {}
+        self.counters = StoreCounters()
+        self.load_stream = torch.cuda.Stream(pool.kv.device) if pool.kv.is_cuda else None
+        pool.on_evict = self._demote
+
+    # --- lookup -------------------------------------------------------------------------
+    def match(self, root: bytes, hashes: list[bytes], token_ids: list[int], max_blocks: int) -> PrefixMatch:
+        bs = self.block_size
+        blocks: list[int] = []
+        by_tier: Counter[str] = Counter()
+        parent = root
+        loads: list[tuple[int, BlockEntry, str]] = []
+        for i, h in enumerate(hashes[:max_blocks]):
+            toks = tuple(token_ids[i * bs : (i + 1) * bs])
+            block = self.pool.lookup(h, parent, toks)
+            if block is not None:
+                self.pool.acquire(block)
+                by_tier[GPU] += bs
+            else:
+                found = self._find_lower(h, parent, toks)
+                if found is None or self.pool.num_free == 0:
+                    break
+                entry, tier_name = found
+                block = self.pool.allocate()
+                loads.append((block, entry, tier_name))
+                self.pool.register(block, BlockIdentity(h, parent, toks))
+                by_tier[tier_name] += bs
+            blocks.append(block)
+            parent = h
+        if loads:
+            self._load(loads)
+        self.counters.queries_tokens += len(token_ids)
+        self.counters.hits_tokens.update(by_tier)
+        return PrefixMatch(blocks, len(blocks) * bs, dict(by_tier))
+
+    def _find_lower(self, h: bytes, parent: bytes, toks: tuple[int, ...]) -> tuple[BlockEntry, str] | None:
+        for tier in self.tiers:
+            if not self.worth_loading.get(tier.name, True):
+                continue
+            entry = tier.get(h)
+            if entry is not None and entry.matches(parent, toks):
+                return entry, tier.name
+        return None
+
+    def _load(self, loads: list[tuple[int, BlockEntry, str]]) -> None:
+        kv = self.pool.kv
+        stream = self.load_stream
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            for block, entry, tier_name in loads:
+                src = entry.tensor
+                if stream is not None and not src.is_pinned():
+                    src = src.pin_memory()
+                kv[block].copy_(src, non_blocking=stream is not None)
+                self.counters.transfers[(tier_name, GPU)] += self.pool.block_bytes
+        if stream is not None:
+            # The compute stream waits for the copies; the host does not.
+            torch.cuda.current_stream(kv.device).wait_stream(stream)
+
+    # --- filling and movement ------------------------------------------------------------
+    def register(self, block: int, ident: BlockIdentity) -> None:
+        """Publishes a block whose K/V were just computed."""
+        if self.pool.register(block, ident) and self.policy == "write_through":
+            self._write_down(block, ident)
+
+    def _demote(self, block: int, ident: BlockIdentity) -> None:
+        if self.policy == "write_back":
+            self._write_down(block, ident)
+
+    def _write_down(self, block: int, ident: BlockIdentity) -> None:
+        """write_back: into the first lower tier (the CPU tier demotes onwards when it evicts);
+        write_through: into every lower tier. Disk and remote writes are queued, never awaited."""
+        if not self.tiers:
+            return
+        entry = BlockEntry(ident.hash, ident.parent, ident.token_ids, self.pool.kv[block].to("cpu", copy=True))
+        for tier in self.tiers:
+            put = getattr(tier, "put_async", tier.put)
+            if put(entry):
+                self.counters.transfers[(GPU, tier.name)] += self.pool.block_bytes
+            if self.policy == "write_back":
+                break
+
+    def flush(self) -> int:
+        """Graceful shutdown: every block held in the pool or the CPU tier goes to the persistent
+        tiers (disk, remote), so the next start serves them. Returns how many were written."""
+        durable = [t for t in self.tiers if hasattr(t, "put_async")]
+        volatile = [t for t in self.tiers if not hasattr(t, "put_async")]
+        n = 0
+        for block_hash, block in list(self.pool.by_hash.items()):
+            ident = self.pool.identity[block]
+            missing = [t for t in durable if not t.contains(block_hash)]
+            if ident is None or not missing:
+                continue
+            entry = BlockEntry(ident.hash, ident.parent, ident.token_ids, self.pool.kv[block].to("cpu", copy=True))
+            for tier in missing:
+                n += bool(tier.put(entry))
+        for src in volatile:
+            for block_hash in getattr(src, "hashes", list)():
+                missing = [t for t in durable if not t.contains(block_hash)]
+                entry = src.get(block_hash) if missing else None
+                for tier in missing if entry is not None else []:
+                    n += bool(tier.put(entry))
+        for tier in durable:
+            tier.flush()
+        return n
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            close = getattr(tier, "close", None)
+            if close is not None:
+                close()
+
+    # --- reporting ----------------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        tiers: dict[str, dict[str, int]] = {
+            GPU: {
+                "used_bytes": (self.pool.num_blocks - self.pool.num_free) * self.pool.block_bytes,
+                "capacity_bytes": self.pool.num_blocks * self.pool.block_bytes,
+                "evictions": self.pool.evictions,
+                "entries": self.pool.num_cached,
+            }
+        }
+        for tier in self.tiers:
+            s = tier.stats
+            tiers[tier.name] = {
+                "used_bytes": tier.used_bytes,
+                "capacity_bytes": tier.capacity_bytes,
+                "evictions": s.evictions,
+                "entries": len(tier),
+                "corrupt_dropped": s.corrupt_dropped,
+                "writes_skipped": s.writes_skipped,
+            }
+        c = self.counters
+        return {
+            "prefix_cache": {
+                "queries_tokens": c.queries_tokens,
+                "hits_tokens": {name: c.hits_tokens.get(name, 0) for name in (GPU, "cpu", "disk", "remote")},
+            },
+            "tiers": tiers,
+            "transfers": [{"src": s, "dst": d, "bytes": b} for (s, d), b in sorted(c.transfers.items())],
+        }
+
+
+def build_lower_tiers(
+    settings: Settings, namespace_digest: bytes, block_shape: tuple[int, ...], dtype: torch.dtype
+) -> list[KVTier]:
+    """The tiers below the pool that the settings ask for, fastest first."""
+    tiers: list[KVTier] = []
+    disk = DiskTier.from_settings(settings, namespace_digest) if settings.disk_cache_enabled else None
+    if settings.cpu_cache_bytes > 0:
+        on_evict = None if disk is None or settings.cache_policy == "write_through" else disk.put_async
+        tiers.append(CpuTier(block_shape, dtype, settings.cpu_cache_bytes, on_evict=on_evict))
+    if disk is not None:
+        tiers.append(disk)
+    return tiers

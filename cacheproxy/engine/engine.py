@@ -1,0 +1,327 @@
+"""The synchronous engine: add requests, then `step()` = schedule -> run -> postprocess.
+
+Only one thread drives an `LLMEngine` (the AsyncEngine's engine thread, or a test).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cacheproxy.cache.hashing import BlockHasher, Namespace
+from cacheproxy.cache.tier import KVTier
+from cacheproxy.cache.tiered_store import TieredStore, build_lower_tiers
+from cacheproxy.config import Settings
+from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
+from cacheproxy.engine.detokenizer import IncrementalDetokenizer
+from cacheproxy.engine.model import CausalLM
+from cacheproxy.engine.model_config import ModelConfig
+from cacheproxy.engine.model_files import model_fingerprint, resolve_model
+from cacheproxy.engine.request import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
+from cacheproxy.engine.runner import ModelRunner, StepResult
+from cacheproxy.engine.scheduler import ScheduledStep, Scheduler
+from cacheproxy.engine.sequence import Sequence
+from cacheproxy.engine.tokenizer import Tokenizer
+from cacheproxy.engine.weights import build_model, load_weights
+from cacheproxy.log import get_logger
+
+log = get_logger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise EngineError("device 'cuda' asked for, but CUDA is not available", "no_device", 500)
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(setting: str, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if cfg.torch_dtype == "float16" else torch.bfloat16
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Per-sequence output state kept beside the Sequence."""
+
+    detok: IncrementalDetokenizer
+    emitted: int = 0  # characters of detok.text already handed out
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        model_path: Path,
+        device: torch.device,
+        lower_tiers: list[KVTier] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        cfg = self.config
+        limit = cfg.max_context
+        self.max_model_len = min(settings.max_model_len or limit, limit)
+        self.block_size = settings.block_size
+        num_blocks = self._num_kv_blocks()
+        shape = (num_blocks, cfg.num_hidden_layers, 2, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        kv = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.pool = BlockPool(kv)
+        namespace = Namespace(
+            model_fingerprint=model_fingerprint(model_path),
+            kv_dtype=str(self.dtype).removeprefix("torch."),
+            block_size=self.block_size,
+        )
+        self.namespace = namespace
+        self.hasher = BlockHasher(namespace, settings.hash_seed)
+        if lower_tiers is None:
+            lower_tiers = build_lower_tiers(settings, namespace.digest, tuple(kv.shape[1:]), self.dtype)
+        self.store = TieredStore(self.pool, self.hasher, lower_tiers, settings.cache_policy)
+        self.scheduler = Scheduler(self.pool, self.store, settings.max_num_seqs, settings.max_num_batched_tokens)
+        self.runner = ModelRunner(model, kv)
+        self.seqs: dict[str, Sequence] = {}
+        self.streams: dict[str, _Stream] = {}
+        self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_id)
+        log.info(
+            "engine ready",
+            architecture=cfg.architecture,
+            device=str(device),
+            dtype=str(self.dtype),
+            kv_blocks=num_blocks,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, lower_tiers: list[KVTier] | None = None) -> LLMEngine:
+        path = resolve_model(settings.model, settings.data_dir)
+        cfg = ModelConfig.from_path(path)
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device, cfg)
+        torch.manual_seed(settings.seed)
+        model = build_model(cfg, device, dtype)
+        load_weights(model, path)
+        tokenizer = Tokenizer(path)
+        return cls(settings, model, tokenizer, path, device, lower_tiers)
+
+    def _num_kv_blocks(self) -> int:
+        s = self.settings
+        if s.num_kv_blocks:
+            return s.num_kv_blocks
+        per_block = self.config.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8) * self.block_size
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Keep room for activations of the largest step: a few hidden-sized buffers per token
+            # plus the logits of a full batch.
+            cfg = self.config
+            act = s.max_num_batched_tokens * (cfg.hidden_size * 8 + cfg.intermediate_size * 3) * 4
+            act += s.max_num_seqs * cfg.vocab_size * 4 * 3
+            budget = int(free - (1.0 - s.gpu_memory_utilization) * total) - act
+        else:
+            budget = 512 << 20
+        if s.kv_cache_bytes is not None:
+            budget = min(budget, s.kv_cache_bytes)
+        n = budget // per_block
+        need = -(-self.settings.max_num_batched_tokens // self.block_size) + 1
+        if n < need:
+            raise EngineError(
+                f"KV pool of {budget} bytes holds {n} blocks; at least {need} are needed "
+                "(lower max_num_batched_tokens or give the pool more memory)",
+                "insufficient_memory",
+                500,
+            )
+        return int(n)
+
+    # --- requests -----------------------------------------------------------------------
+    def check_request(self, req: GenerationRequest) -> None:
+        """Raises EngineError for a request the engine can never run. Reads only fixed state, so
+        any thread may call it."""
+        params = req.params
+        params.validate()
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty", "invalid_prompt")
+        if n + params.max_tokens > self.max_model_len:
+            raise EngineError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {n + params.max_tokens} tokens ({n} in the messages, {params.max_tokens} "
+                "in the completion). Please reduce the length of the messages or completion.",
+                "context_length_exceeded",
+            )
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
+            raise EngineError(f"token ids must be in [0, {vocab})", "invalid_prompt")
+        need = -(-(n + params.max_tokens) // self.block_size)
+        if need > self.pool.num_blocks:
+            raise EngineError(
+                f"the request needs {need} KV blocks, the pool has {self.pool.num_blocks}",
+                "context_length_exceeded",
+            )
+
+    def add_request(self, req: GenerationRequest) -> None:
+        self.check_request(req)
+        if req.request_id in self.seqs:
+            raise EngineError(f"request id {req.request_id} is already running", "duplicate_request")
+        params = req.params
+        root = self.hasher.root(req.cache_salt)
+        seq = Sequence(req.request_id, list(req.prompt_token_ids), params, root)
+        seq.block_hashes = self.hasher.hash_blocks(seq.prompt_ids, parent=root)
+        if params.seed is not None and not params.greedy:
+            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        self.seqs[req.request_id] = seq
+        self.streams[req.request_id] = _Stream(IncrementalDetokenizer(self.tokenizer))
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        self.streams.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # --- the step -----------------------------------------------------------------------
+    def step(self) -> list[GenerationOutput]:
+        step = self.scheduler.schedule()
+        if not step.chunks:
+            return []
+        result = self.runner.run(step)
+        return self._postprocess(step, result)
+
+    def _postprocess(self, step: ScheduledStep, result: StepResult) -> list[GenerationOutput]:
+        outputs: list[GenerationOutput] = []
+        lp_iter = iter(result.logprobs)
+        for chunk, token in zip(step.chunks, result.tokens, strict=True):
+            seq = chunk.seq
+            seq.num_computed = chunk.start + chunk.length
+            self._register_filled(seq)
+            if token is None:
+                continue
+            lp = next(lp_iter)
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.output_ids.append(token)
+            if lp is not None:
+                seq.pending_logprobs.append(self._logprob(token, lp))
+            outputs.append(self._emit(seq, token))
+        return outputs
+
+    def _register_filled(self, seq: Sequence) -> None:
+        bs = self.block_size
+        full = seq.num_computed // bs
+        for i in range(seq.num_registered, full):
+            parent = seq.block_hashes[i - 1] if i > 0 else seq.root_hash
+            toks = tuple(seq.token_ids(i * bs, (i + 1) * bs))
+            if i >= len(seq.block_hashes):
+                seq.block_hashes.append(self.hasher.next_hash(parent, toks))
+            self.store.register(seq.block_table[i], BlockIdentity(seq.block_hashes[i], parent, toks))
+        seq.num_registered = max(seq.num_registered, full)
+
+    def _logprob(self, token: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        dec = self.tokenizer.decode
+        return TokenLogprob(
+            token_id=token,
+            token=dec([token], skip_special_tokens=False),
+            logprob=lp[0],
+            top=[(t, dec([t], skip_special_tokens=False), v) for t, v in lp[1]],
+        )
+
+    def _emit(self, seq: Sequence, token: int) -> GenerationOutput:
+        """One output per sampled token; its text may be empty while characters are held back."""
+        p = seq.params
+        stream = self.streams[seq.request_id]
+        detok = stream.detok
+        finish: str | None = None
+        stop_reason: str | int | None = None
+        n_out = len(seq.output_ids)
+        is_eos = token in self.eos_ids and not p.ignore_eos
+        if n_out >= p.min_tokens and (is_eos or token in p.stop_token_ids):
+            finish, stop_reason = "stop", (None if is_eos else token)
+        else:
+            before = len(detok.text)
+            detok.add(token)
+            hit = detok.find_stop(p.stop, len(detok.text) - before) if n_out >= p.min_tokens else None
+            if hit is not None:
+                finish, stop_reason = "stop", hit[1]
+                detok.text = detok.text[: hit[0]]
+            elif n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                finish = "length"
+        if finish is None:
+            end = detok.safe_length(p.stop)  # hold back what may begin a stop string
+        else:
+            if not isinstance(stop_reason, str):
+                detok.finish()  # hand over characters held back for an unfinished UTF-8 sequence
+            end = len(detok.text)
+        delta = detok.text[stream.emitted : end] if end > stream.emitted else ""
+        stream.emitted = max(stream.emitted, end)
+        first = not seq.reported_first
+        out = GenerationOutput(
+            request_id=seq.request_id,
+            text=delta,
+            token_ids=[token],
+            finish_reason=finish,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=n_out,
+            stop_reason=stop_reason,
+        )
+        if first or finish is not None:
+            out.cached_tokens = seq.cached_tokens
+            out.cached_tokens_by_tier = dict(seq.cached_by_tier)
+            out.queue_time_s = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
+        seq.reported_first = True
+        if seq.pending_logprobs:
+            out.logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        if finish is not None:
+            seq.finish_reason, seq.stop_reason = finish, stop_reason
+            self.scheduler.finish(seq)
+            self.seqs.pop(seq.request_id, None)
+            self.streams.pop(seq.request_id, None)
+        return out
+
+    # --- reporting and lifecycle ------------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        s = self.store.stats()
+        s["requests"] = {"running": self.num_running, "waiting": self.num_waiting}
+        return s
+
+    def shutdown(self) -> None:
+        flushed = self.store.flush()
+        self.store.close()
+        log.info("engine stopped", flushed_blocks=flushed)
+
+
+def generate_blocking(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+    """Runs requests to completion on the calling thread; returns each one's output token ids."""
+    out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    for r in requests:
+        engine.add_request(r)
+    start = time.monotonic()
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id].extend(o.token_ids)
+        if time.monotonic() - start > 600:
+            raise TimeoutError("generation did not finish")
+    return out

@@ -1,0 +1,93 @@
+"""Runs one scheduled step on the model: packs the chunks, sets the step context, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cacheproxy.engine.model import CausalLM
+from cacheproxy.engine.sampler import sample
+from cacheproxy.engine.scheduler import ScheduledStep
+from cacheproxy.engine.step_context import StepContext, set_context
+
+
+@dataclass(slots=True)
+class StepResult:
+    # One entry per chunk of the step: the sampled token, or None when the chunk did not sample.
+    tokens: list[int | None]
+    # Per sampled chunk: (chosen logprob, top-k [(id, logprob)]) when the request asked for logprobs.
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: torch.Tensor) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = kv.device
+        self.block_size = kv.shape[3]
+        model.bind_kv_pool(kv)
+
+    def _prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        sample_idx: list[int] = []
+        cu = [0]
+        max_blocks = max(len(c.seq.block_table) for c in step.chunks)
+        tables = np.zeros((len(step.chunks), max_blocks), dtype=np.int32)
+        for i, c in enumerate(step.chunks):
+            seq = c.seq
+            ids.extend(seq.token_ids(c.start, c.start + c.length))
+            pos = np.arange(c.start, c.start + c.length, dtype=np.int64)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            tables[i, : len(table)] = table
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            cu.append(cu[-1] + c.length)
+            if c.samples:
+                sample_idx.append(cu[-1] - 1)
+        dev = self.device
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos_t = torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True)
+        ctx = StepContext(
+            is_prefill=not step.is_decode_only,
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+        )
+        starts = torch.tensor([c.start for c in step.chunks], dtype=torch.int32)
+        if ctx.is_prefill:
+            ctx.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True)
+            ctx.cached_lens = starts.to(dev, non_blocking=True)
+        else:
+            ctx.context_lens = (starts + 1).to(dev, non_blocking=True)
+        return input_ids, pos_t, ctx, sample_idx
+
+    @torch.inference_mode()
+    def run(self, step: ScheduledStep) -> StepResult:
+        input_ids, positions, ctx, sample_idx = self._prepare(step)
+        set_context(ctx)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_context(None)
+        sampling = [c for c in step.chunks if c.samples]
+        if not sampling:
+            return StepResult([None] * len(step.chunks), [])
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=hidden.device)])
+        params = [c.seq.params for c in sampling]
+        tokens, logprobs = sample(logits, params, [c.seq.generator for c in sampling])
+        lp_out: list[tuple[float, list[tuple[int, float]]] | None] = []
+        for i, c in enumerate(sampling):
+            k = c.seq.params.logprobs
+            if k is None:
+                lp_out.append(None)
+                continue
+            row = logprobs[i]
+            top = torch.topk(row, k) if k > 0 else None
+            top_list = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+            lp_out.append((float(row[tokens[i]].item()), top_list))
+        it = iter(tokens)
+        return StepResult([next(it) if c.samples else None for c in step.chunks], lp_out)

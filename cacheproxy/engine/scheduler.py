@@ -1,0 +1,169 @@
+"""Decides what runs in the next step: decodes first, then prefill chunks, within a token budget.
+
+A step is a list of (sequence, number of new tokens). A decode is a chunk of one token; a prompt
+longer than the budget is prefilled over several steps. A sequence that cannot get blocks waits;
+when running decodes run out of blocks, the youngest sequence is preempted (its blocks stay in the
+prefix cache, so its re-admission mostly hits).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from cacheproxy.cache.tiered_store import TieredStore
+from cacheproxy.engine.block_pool import BlockPool
+from cacheproxy.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed in this step (== seq.num_computed)
+    length: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens: its last logits pick the next one."""
+        return self.start + self.length == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class ScheduledStep:
+    chunks: list[ScheduledChunk]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(c.length == 1 and c.start > 0 for c in self.chunks)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, store: TieredStore, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.store = store
+        self.block_size = pool.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[int] = set()
+        # 1. decodes of running sequences (oldest first; preempt the youngest when blocks run out)
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed != 1:
+                continue
+            if budget == 0:
+                break
+            while not self._ensure_blocks(seq, seq.num_computed + 1):
+                victim = self._youngest_running(exclude=scheduled | {id(seq)})
+                if victim is None:
+                    break
+                self._preempt(victim)
+            if seq.status is not SequenceStatus.RUNNING or not self._has_blocks(seq, seq.num_computed + 1):
+                if seq.status is SequenceStatus.RUNNING:
+                    self._preempt(seq)
+                continue
+            chunks.append(ScheduledChunk(seq, seq.num_computed, 1))
+            scheduled.add(id(seq))
+            budget -= 1
+        # 2. prefill continuations of admitted sequences
+        for seq in self.running:
+            if budget == 0:
+                break
+            remaining = seq.num_tokens - seq.num_computed
+            if id(seq) in scheduled or (remaining <= 1 and seq.num_computed > 0):
+                continue
+            n = min(remaining, budget)
+            if not self._ensure_blocks(seq, seq.num_computed + n):
+                continue
+            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            scheduled.add(id(seq))
+            budget -= n
+        # 3. admissions
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._admit(seq, budget):
+                break
+            self.waiting.popleft()
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+        return ScheduledStep(chunks)
+
+    def _admit(self, seq: Sequence, budget: int) -> bool:
+        bs = self.block_size
+        tokens = seq.prompt_ids + seq.output_ids
+        # At least the last token is computed: its logits choose the next token.
+        max_blocks = (len(tokens) - 1) // bs
+        match = self.store.match(seq.root_hash, seq.block_hashes[:max_blocks], tokens, max_blocks)
+        n = min(len(tokens) - match.num_tokens, budget)
+        need = -(-(match.num_tokens + n) // bs) - len(match.blocks)
+        if need > self.pool.num_free:
+            for b in match.blocks:
+                self.pool.release(b)
+            return False
+        seq.block_table = list(match.blocks)
+        seq.num_computed = match.num_tokens
+        seq.num_registered = len(match.blocks)
+        if not seq.reported_first:
+            seq.cached_tokens = match.num_tokens
+            seq.cached_by_tier = dict(match.tokens_by_tier)
+        self._ensure_blocks(seq, seq.num_computed + n)
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self.running.append(seq)
+        return True
+
+    def _has_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        return len(seq.block_table) * self.block_size >= num_tokens
+
+    def _ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        need = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        seq.block_table.extend(self.pool.allocate() for _ in range(need))
+        return True
+
+    def _youngest_running(self, exclude: set[int]) -> Sequence | None:
+        for seq in reversed(self.running):
+            if id(seq) not in exclude:
+                return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        for b in reversed(seq.block_table):
+            self.pool.release(b)
+        seq.block_table = []
+        seq.num_computed = 0
+        seq.num_registered = 0
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Frees a finished or aborted sequence's blocks (they stay cached if registered)."""
+        self._release(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
