@@ -16,7 +16,17 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -35,6 +45,12 @@ SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_START, IM_END]
 # Markers the chat template writes around tool calls; ordinary (not special) added tokens, as in
 # real models, so that decoding with skip_special_tokens keeps them for the tool-call parser.
 TOOL_MARKERS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+# Words, single digits, punctuation runs, newlines and spaces: the split GPT-4-era BPEs use.
+PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 DEFAULTS: dict[str, Any] = {
     "num_hidden_layers": 2,
@@ -56,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
 # ChatML-style turns; tools go into the system turn as one JSON object a line, assistant tool calls
 # as <tool_call>{"name": ..., "arguments": ...}</tool_call>, tool results as <tool_response> blocks.
 CHAT_TEMPLATE = (
-    "{{- bos_token }}\n"
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}\n"
     "{%- if messages and messages[0]['role'] == 'system' %}\n"
     "    {%- set system_text = messages[0]['content'] %}\n"
     "    {%- set turns = messages[1:] %}\n"
@@ -101,225 +117,24 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
 )
 
-_WORDS = [
-    "the",
-    "a",
-    "an",
-    "of",
-    "to",
-    "in",
-    "and",
-    "or",
-    "but",
-    "if",
-    "then",
-    "when",
-    "while",
-    "for",
-    "with",
-    "without",
-    "from",
-    "into",
-    "over",
-    "under",
-    "about",
-    "is",
-    "are",
-    "was",
-    "were",
-    "be",
-    "been",
-    "being",
-    "have",
-    "has",
-    "had",
-    "do",
-    "does",
-    "did",
-    "can",
-    "could",
-    "will",
-    "would",
-    "should",
-    "may",
-    "might",
-    "cache",
-    "prefix",
-    "token",
-    "tokens",
-    "block",
-    "blocks",
-    "model",
-    "models",
-    "request",
-    "requests",
-    "server",
-    "proxy",
-    "engine",
-    "memory",
-    "disk",
-    "tier",
-    "tiers",
-    "hit",
-    "miss",
-    "latency",
-    "time",
-    "first",
-    "answer",
-    "question",
-    "agent",
-    "tool",
-    "tools",
-    "call",
-    "function",
-    "arguments",
-    "result",
-    "results",
-    "user",
-    "assistant",
-    "system",
-    "message",
-    "messages",
-    "context",
-    "window",
-    "attention",
-    "kernel",
-    "kernels",
-    "batch",
-    "decode",
-    "prefill",
-    "sample",
-    "sampling",
-    "temperature",
-    "stream",
-    "chunk",
-    "weather",
-    "city",
-    "today",
-    "tomorrow",
-    "morning",
-    "evening",
-    "price",
-    "order",
-    "customer",
-    "file",
-    "folder",
-    "data",
-    "value",
-    "key",
-    "list",
-    "table",
-    "number",
-    "numbers",
-    "text",
-    "word",
-    "words",
-    "line",
-    "lines",
-    "page",
-    "book",
-    "story",
-    "river",
-    "mountain",
-    "small",
-    "large",
-    "fast",
-    "slow",
-    "new",
-    "old",
-    "good",
-    "bad",
-    "true",
-    "false",
-    "yes",
-    "no",
-    "please",
-    "thanks",
-    "hello",
-    "world",
-    "compute",
-    "store",
-    "load",
-    "save",
-    "read",
-    "write",
-    "send",
-    "receive",
-    "open",
-    "close",
-    "start",
-    "stop",
-    "run",
-    "wait",
-    "find",
-    "people",
-    "time",
-    "year",
-    "way",
-    "day",
-    "thing",
-    "man",
-    "woman",
-    "child",
-    "life",
-    "hand",
-    "part",
-    "place",
-    "case",
-    "week",
-    "company",
-    "I",
-    "you",
-    "he",
-    "she",
-    "it",
-    "we",
-    "they",
-    "this",
-    "that",
-    "these",
-    "those",
-    "my",
-    "your",
-    "his",
-    "her",
-    "its",
-    "our",
-    "their",
-    "what",
-    "which",
-    "who",
-]
-_FOREIGN = [
-    "café",
-    "élève",
-    "naïve",
-    "déjà",
-    "vu",
-    "crème",
-    "brûlée",
-    "über",
-    "straße",
-    "señor",
-    "año",
-    "niño",
-    "日本",
-    "日本語",
-    "東京",
-    "こんにちは",
-    "ありがとう",
-    "中文",
-    "你好",
-    "世界",
-    "привет",
-    "мир",
-    "γειά",
-    "σου",
-    "κόσμε",
-    "مرحبا",
-    "שלום",
-    "नमस्ते",
-]
+_WORDS = (  # noqa: SIM905 - a sentence is easier to read than a list
+    "the a an of to in and or but if then when while for with without from into over under about "
+    "is are was were be been being have has had do does did can could will would should may might "
+    "cache prefix token tokens block blocks model models request requests server proxy engine "
+    "memory disk tier tiers hit miss latency time first answer question agent tool tools call "
+    "function arguments result results user assistant system message messages context window "
+    "attention kernel kernels batch decode prefill sample sampling temperature stream chunk "
+    "weather city today tomorrow morning evening price order customer file folder data value key "
+    "list table number numbers text word words line lines page book story river mountain small "
+    "large fast slow new old good bad true false yes no please thanks hello world compute store "
+    "load save read write send receive open close start stop run wait find people time year way "
+    "day thing man woman child life hand part place case week company I you he she it we they "
+    "this that these those my your his her its our their what which who"
+).split()
+_FOREIGN = (  # noqa: SIM905 - a sentence is easier to read than a list
+    "café élève naïve déjà vu crème brûlée über straße señor año niño 日本 日本語 東京 こんにちは ありがとう 中文 你好 "
+    "世界 привет мир γειά σου κόσμε مرحبا שלום नमस्ते"
+).split()
 _EMOJI = ["😀", "🚀", "👍", "🎉", "❤️", "🔥", "🤖", "🌍", "✨", "☕"]
 _NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Mallory", "Paris", "London", "Tokyo", "Berlin"]
 _CODE = [
@@ -411,10 +226,20 @@ def training_corpus(sentences: int = 6000) -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int = 2048) -> Tokenizer:
-    """Byte-level BPE with every byte in the alphabet, so any UTF-8 text encodes."""
+def train_tokenizer(vocab_size: int = 2048, add_bos: bool = True) -> Tokenizer:
+    """Byte-level BPE with every byte in the alphabet, so any UTF-8 text encodes.
+
+    The normalizer and pre-tokenizer are the ones transformers hard-codes for Qwen2 tokenizers
+    (NFC; split by PRETOKENIZE_PATTERN; bytes), so that every loader splits text the same way.
+    """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(TOOL_MARKERS),
@@ -425,8 +250,11 @@ def train_tokenizer(vocab_size: int = 2048) -> Tokenizer:
     )
     tok.train_from_iterator(training_corpus(), trainer=trainer)
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TOOL_MARKERS])
+    if not add_bos:
+        return tok
     bos_id = tok.token_to_id(BOS_TOKEN)
-    # Plain encodes (the completions route) start with BOS, as Llama's do; chat templates write it.
+    # Plain encodes (the completions route) start with BOS, as Llama's do (Qwen's don't); chat
+    # templates write it themselves.
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",
         pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
@@ -557,7 +385,8 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrid
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tok = train_tokenizer(params["vocab_size"])
+    uses_bos = ARCHITECTURES[arch][1] not in ("qwen2", "qwen3")
+    tok = train_tokenizer(params["vocab_size"], add_bos=uses_bos)
     cfg = _model_config(arch, tok, params)
     weights = _random_weights(arch, cfg, seed, params["init_std"])
     dtype = getattr(torch, params["dtype"])
@@ -583,10 +412,10 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrid
         out_dir / "tokenizer_config.json",
         {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS_TOKEN,
+            "bos_token": BOS_TOKEN if uses_bos else None,
             "eos_token": IM_END,
             "pad_token": PAD_TOKEN,
-            "add_bos_token": True,
+            "add_bos_token": uses_bos,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": params["max_position_embeddings"],

@@ -160,10 +160,8 @@ class Tokenizer:
         self.eos_token = _token_content(config.get("eos_token"))
         self.pad_token = _token_content(config.get("pad_token"))
         self.unk_token = _token_content(config.get("unk_token"))
+        # Only the tokenizer's own BOS counts: Qwen's configs name a bos id that is never written.
         self.bos_token_id = self._id_of(self.bos_token)
-        if self.bos_token_id is None:
-            bos = generation.get("bos_token_id", model_config.get("bos_token_id"))
-            self.bos_token_id = bos if isinstance(bos, int) else None
         # Generation stops at any of: the tokenizer's eos, then generation_config's (Llama 3 and
         # Qwen list several there), else config.json's.
         eos_ids: list[int] = []
