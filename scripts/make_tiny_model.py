@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the built-in tiny test model (random weights, locally trained tokenizer) in Hugging Face format.
 
-    python scripts/make_tiny_model.py OUT_DIR --arch llama|llama3|mistral|qwen2|qwen3 --seed N
+python scripts/make_tiny_model.py OUT_DIR --arch llama|llama3|mistral|qwen2|qwen3 --seed N
 """
 
 from __future__ import annotations
