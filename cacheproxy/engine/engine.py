@@ -20,9 +20,15 @@ from cacheproxy.engine.detokenizer import IncrementalDetokenizer
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.model_config import ModelConfig
 from cacheproxy.engine.model_files import model_fingerprint, resolve_model
-from cacheproxy.engine.request import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
+from cacheproxy.engine.request import (
+    EngineError,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
 from cacheproxy.engine.runner import ModelRunner, StepResult
-from cacheproxy.engine.scheduler import ScheduledStep, Scheduler
+from cacheproxy.engine.scheduler import ScheduledChunk, ScheduledStep, Scheduler
 from cacheproxy.engine.sequence import Sequence
 from cacheproxy.engine.tokenizer import Tokenizer
 from cacheproxy.engine.weights import build_model, load_weights
@@ -300,6 +306,22 @@ class LLMEngine:
             self.seqs.pop(seq.request_id, None)
             self.streams.pop(seq.request_id, None)
         return out
+
+    def score(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits after every prompt token, [T, vocab], from one uncached prefill.
+
+        Runs outside the batch: call it only when no request is running on this engine.
+        """
+        seq = Sequence("score", list(prompt_ids), SamplingParams(max_tokens=1), self.hasher.root())
+        need = -(-len(prompt_ids) // self.block_size)
+        if need > self.pool.num_free:
+            raise EngineError("not enough free KV blocks to score this prompt", "insufficient_memory", 503)
+        seq.block_table = [self.pool.allocate() for _ in range(need)]
+        try:
+            return self.runner.logits(ScheduledStep([ScheduledChunk(seq, 0, len(prompt_ids))]))
+        finally:
+            for b in seq.block_table:
+                self.pool.release(b)
 
     # --- reporting and lifecycle ------------------------------------------------------------
     def stats(self) -> dict[str, object]:

@@ -65,14 +65,23 @@ class ModelRunner:
             ctx.context_lens = (starts + 1).to(dev, non_blocking=True)
         return input_ids, pos_t, ctx, sample_idx
 
-    @torch.inference_mode()
-    def run(self, step: ScheduledStep) -> StepResult:
+    def _forward(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
         input_ids, positions, ctx, sample_idx = self._prepare(step)
         set_context(ctx)
         try:
-            hidden = self.model(input_ids, positions)
+            return self.model(input_ids, positions), sample_idx
         finally:
             set_context(None)
+
+    @torch.inference_mode()
+    def logits(self, step: ScheduledStep) -> torch.Tensor:
+        """Logits of every token of the step, [T, vocab] float32 (prompt scoring, tests)."""
+        hidden, _ = self._forward(step)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def run(self, step: ScheduledStep) -> StepResult:
+        hidden, sample_idx = self._forward(step)
         sampling = [c for c in step.chunks if c.samples]
         if not sampling:
             return StepResult([None] * len(step.chunks), [])
