@@ -147,32 +147,7 @@ _CODE = [
 ]
 
 
-_ONSETS = [
-    "b",
-    "c",
-    "d",
-    "f",
-    "g",
-    "h",
-    "j",
-    "k",
-    "l",
-    "m",
-    "n",
-    "p",
-    "r",
-    "s",
-    "t",
-    "v",
-    "w",
-    "st",
-    "tr",
-    "ch",
-    "sh",
-    "pl",
-    "gr",
-    "th",
-]
+_ONSETS = "b c d f g h j k l m n p r s t v w st tr ch sh pl gr th".split()  # noqa: SIM905
 _VOWELS = ["a", "e", "i", "o", "u", "ea", "ou", "ai", "io"]
 _CODAS = ["", "", "n", "r", "s", "t", "l", "nd", "ng", "st", "rk", "m"]
 
