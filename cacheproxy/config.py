@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     disk_cache_enabled: bool = True
     disk_cache_bytes: int = Field(default=16 << 30, ge=1 << 20, description="LMDB map_size.")
     disk_write_queue: int = Field(default=1024, ge=1)
+    disk_cache_fill: float = Field(
+        default=0.9, gt=0.0, lt=1.0, description="Share of the LMDB map filled before evicting."
+    )
     redis_url: str | None = None
     redis_ttl_s: int = Field(default=24 * 3600, ge=1)
     redis_max_bytes: int = Field(default=8 << 30, ge=0)

@@ -1,0 +1,172 @@
+"""The CPU tier: KV blocks in host memory (pinned where CUDA is present), LRU, bounded in bytes."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from cacheproxy.cache.block_entry import BlockEntry
+from cacheproxy.cache.tier import TierStats
+from cacheproxy.log import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Resident:
+    slot: int
+    parent_hash: bytes
+    token_ids: tuple[int, ...]
+
+
+class CpuTier:
+    """Blocks of one shape and dtype in a host slab `[capacity_blocks, *block_shape]`.
+
+    - The slab is allocated on the first put (pinned when CUDA is available, so that copies to
+      the GPU can run asynchronously), never grown: `used_bytes <= capacity_bytes` always.
+    - `get` returns a *clone* (the caller owns it; the slot may be reused by the next put).
+      `get_into(hash, out)` copies straight into a caller's tensor instead (e.g. a GPU pool block)
+      and saves that clone; the copy has finished when it returns, since the slot may be reused
+      as soon as the lock is released.
+    - `put` copies the entry's tensor (from any device) into a slot; when none is free the least
+      recently used block is evicted. `on_evict`, if given, receives each evicted block (a clone)
+      after the lock is released: the tiered store uses it to demote blocks to disk.
+    - A lock serializes every method: the engine thread and writer threads share the tier.
+    """
+
+    name = "cpu"
+
+    def __init__(
+        self,
+        block_shape: Sequence[int],
+        dtype: torch.dtype,
+        capacity_bytes: int,
+        pin_memory: bool | None = None,
+        on_evict: Callable[[BlockEntry], None] | None = None,
+    ) -> None:
+        self.block_shape = tuple(int(d) for d in block_shape)
+        if len(self.block_shape) != 5 or self.block_shape[1] != 2:
+            raise ValueError(f"block shape must be [L, 2, block_size, H, D], got {self.block_shape}")
+        self.dtype = dtype
+        self.block_nbytes = math.prod(self.block_shape) * dtype.itemsize
+        self.capacity_blocks = max(0, capacity_bytes) // self.block_nbytes
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._on_evict = on_evict
+        self._lock = threading.Lock()
+        self._slab: torch.Tensor | None = None
+        self._free: list[int] = []
+        self._lru: OrderedDict[bytes, _Resident] = OrderedDict()  # oldest first
+        self._stats = TierStats()
+
+    # --- KVTier --------------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return len(self._lru) * self.block_nbytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity_blocks * self.block_nbytes
+
+    @property
+    def stats(self) -> TierStats:
+        with self._lock:
+            return replace(self._stats)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def contains(self, block_hash: bytes) -> bool:
+        return block_hash in self._lru
+
+    def get(self, block_hash: bytes) -> BlockEntry | None:
+        with self._lock:
+            resident = self._touch(block_hash)
+            if resident is None:
+                return None
+            assert self._slab is not None
+            tensor = self._slab[resident.slot].clone()
+        return BlockEntry(block_hash, resident.parent_hash, resident.token_ids, tensor)
+
+    def get_into(self, block_hash: bytes, out: torch.Tensor) -> BlockEntry | None:
+        """Copy a block into `out` (same shape and dtype, any device); None on a miss."""
+        if tuple(out.shape) != self.block_shape or out.dtype != self.dtype:
+            raise ValueError(f"out must be {self.block_shape} {self.dtype}, got {tuple(out.shape)} {out.dtype}")
+        with self._lock:
+            resident = self._touch(block_hash)
+            if resident is None:
+                return None
+            assert self._slab is not None
+            out.copy_(self._slab[resident.slot])
+        return BlockEntry(block_hash, resident.parent_hash, resident.token_ids, out)
+
+    def put(self, entry: BlockEntry) -> bool:
+        if tuple(entry.tensor.shape) != self.block_shape or entry.tensor.dtype != self.dtype:
+            raise ValueError(
+                f"tier holds {self.block_shape} {self.dtype}, "
+                f"got {tuple(entry.tensor.shape)} {entry.tensor.dtype}"
+            )
+        evicted: BlockEntry | None = None
+        with self._lock:
+            if entry.hash in self._lru:
+                self._lru.move_to_end(entry.hash)
+                return True
+            if self.capacity_blocks == 0:
+                return False
+            if self._slab is None:
+                self._slab = torch.empty(
+                    (self.capacity_blocks, *self.block_shape), dtype=self.dtype, pin_memory=self.pin_memory
+                )
+                self._free = list(range(self.capacity_blocks - 1, -1, -1))
+            if not self._free:
+                old_hash, old = self._lru.popitem(last=False)
+                self._stats.evictions += 1
+                if self._on_evict is not None:
+                    evicted = BlockEntry(old_hash, old.parent_hash, old.token_ids, self._slab[old.slot].clone())
+                self._free.append(old.slot)
+            slot = self._free.pop()
+            try:
+                self._slab[slot].copy_(entry.tensor)
+            except BaseException:
+                self._free.append(slot)
+                raise
+            self._lru[entry.hash] = _Resident(slot, entry.parent_hash, entry.token_ids)
+            self._stats.puts += 1
+        if evicted is not None:
+            self._demote(evicted)
+        return True
+
+    def remove(self, block_hash: bytes) -> bool:
+        with self._lock:
+            resident = self._lru.pop(block_hash, None)
+            if resident is None:
+                return False
+            self._free.append(resident.slot)
+            return True
+
+    # --- helpers -------------------------------------------------------------------------
+    def hashes(self) -> list[bytes]:
+        """Held hashes, least recently used first (for listing, not for lookups)."""
+        with self._lock:
+            return list(self._lru)
+
+    def _touch(self, block_hash: bytes) -> _Resident | None:
+        resident = self._lru.get(block_hash)
+        if resident is None:
+            self._stats.misses += 1
+            return None
+        self._lru.move_to_end(block_hash)
+        self._stats.hits += 1
+        return resident
+
+    def _demote(self, entry: BlockEntry) -> None:
+        assert self._on_evict is not None
+        try:
+            self._on_evict(entry)
+        except Exception:
+            # A failed demotion loses a cache entry, never the put that caused it.
+            log.exception("cpu_tier.on_evict_failed", hash=entry.hash.hex())
