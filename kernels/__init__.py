@@ -22,14 +22,24 @@ def _use_triton(t: torch.Tensor) -> bool:
     return _triton is not None and t.is_cuda and os.environ.get("CACHEPROXY_KERNELS") != "reference"
 
 
-def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale):  # type: ignore[no-untyped-def]
+def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale, *, out=None, max_context_len=None):  # type: ignore[no-untyped-def]
+    """`out`: a preallocated [B,Hq,D] result (CUDA graphs). `max_context_len`: a host-side bound on
+    context_lens; Triton sizes its split-K from it (default: the block table's capacity)."""
     impl = _triton if _use_triton(q) else reference
-    return impl.paged_decode(q, k_cache, v_cache, block_table, context_lens, scale)
+    return impl.paged_decode(
+        q, k_cache, v_cache, block_table, context_lens, scale, out=out, max_context_len=max_context_len
+    )
 
 
-def prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale):  # type: ignore[no-untyped-def]
-    impl = _triton if _use_triton(q) else reference
-    return impl.prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale)
+def prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale, *, out=None, max_query_len=None):  # type: ignore[no-untyped-def]
+    """`max_query_len`: a host-side bound on any sequence's new tokens; Triton sizes its grid from it
+    (default: all T tokens)."""
+    if _use_triton(q):
+        return _triton.prefix_prefill(
+            q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale,
+            out=out, max_query_len=max_query_len,
+        )
+    return reference.prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale, out=out)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):  # type: ignore[no-untyped-def]

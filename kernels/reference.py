@@ -21,14 +21,21 @@ def paged_decode(
     block_table: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
-    """q[B,Hq,D] attends to the first context_lens[b] tokens of its blocks -> [B,Hq,D]."""
+    """q[B,Hq,D] attends to the first context_lens[b] tokens of its blocks -> [B,Hq,D].
+
+    A zero context (a padding row) gives zeros. `max_context_len`, when given, bounds the lengths
+    and spares a device sync; `out` receives the result when given.
+    """
     B, Hq, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     acc = _acc_dtype(q)
     if B == 0:
-        return q.new_empty((0, Hq, D))
-    max_len = int(context_lens.max().item())
+        return q.new_empty((0, Hq, D)) if out is None else out
+    max_len = int(context_lens.max().item()) if max_context_len is None else max_context_len
     nblk = (max_len + bs - 1) // bs
     bt = block_table[:, :nblk].long()
     k = k_cache[bt].reshape(B, nblk * bs, Hkv, D)[:, :max_len].to(acc)
@@ -39,9 +46,12 @@ def paged_decode(
     pos = torch.arange(max_len, device=q.device)
     mask = pos[None, :] >= context_lens.to(q.device).long()[:, None]
     scores.masked_fill_(mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgt,bthd->bhgd", p, v)
-    return out.reshape(B, Hq, D).to(q.dtype)
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row (zero context) -> zeros
+    result = torch.einsum("bhgt,bthd->bhgd", p, v).reshape(B, Hq, D).to(q.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 def prefix_prefill(
@@ -54,17 +64,20 @@ def prefix_prefill(
     cu_seqlens_q: torch.Tensor,
     cached_lens: torch.Tensor,
     scale: float,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed new tokens q/k/v[T,H,D]; sequence b's tokens sit at positions cached_lens[b] + i.
 
     They attend to the b-th sequence's cached tokens (read from the pool through block_table) and,
-    causally, to the sequence's own new tokens.
+    causally, to the sequence's own new tokens. `out` receives the result when given.
     """
-    T, Hq, D = q.shape
+    _, Hq, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     g = Hq // Hkv
     acc = _acc_dtype(q)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     cl = cached_lens.tolist()
     for b in range(len(cu) - 1):
