@@ -1,0 +1,619 @@
+"""POST /v1/chat/completions, POST /v1/completions and GET /v1/models.
+
+One HTTP request becomes one engine request per (prompt, choice). Their outputs are merged into one SSE
+stream or one JSON body; nothing is sent before every choice has its first output, so an engine refusal
+(400, 429) is still a proper status code. Leaving the handler in any way (client gone, error) closes the
+engine iterators, which aborts the requests and frees their blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from cacheproxy.cache.records import RequestRecord, cache_class
+from cacheproxy.engine.request import (
+    EngineError,
+    EngineOverloaded,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from cacheproxy.log import get_logger
+from cacheproxy.server.auth import cache_salt, tenant_of
+from cacheproxy.server.errors import ApiError
+from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from cacheproxy.server.sse import SSEStream
+from cacheproxy.server.state import STATE, ServerState
+
+log = get_logger(__name__)
+
+# One HTTP request may not fan out into more engine requests than this (prompts x n).
+MAX_CHOICES_PER_REQUEST = 128
+# Seconds a client should wait after a 429 before retrying.
+RETRY_AFTER_S = 1
+
+
+def require_ready(state: ServerState) -> None:
+    if not state.engine.ready:
+        raise ApiError(503, "the model is still loading; retry shortly", code="model_loading",
+                       headers={"Retry-After": "2"})
+
+
+async def read_json(request: web.Request, max_bytes: int) -> Any:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large")
+    raw = await request.read()  # aiohttp raises 413 past client_max_size for chunked bodies too
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def check_model(requested: str, state: ServerState) -> None:
+    if requested != state.engine.model_name:
+        raise ApiError(404, f"the model '{requested}' does not exist; this server serves "
+                            f"'{state.engine.model_name}'", code="model_not_found", param="model")
+
+
+def _engine_error(exc: EngineError) -> ApiError:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, EngineOverloaded) else None
+    return ApiError(exc.status, str(exc), code=exc.code, headers=headers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass(slots=True)
+class PromptInput:
+    token_ids: list[int]
+    text: str | None = None  # for echo
+
+
+def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> PromptInput:
+    """Runs in the executor: chat template (tools included, so they are part of the cached prefix),
+    then tokenization."""
+    tok = state.engine.tokenizer
+    messages = [m.template_dict() for m in req.messages]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    try:
+        text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
+                                       **(req.chat_template_kwargs or {}))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_messages", param="messages") from None
+    # The template writes BOS itself; adding special tokens again would double it.
+    return PromptInput(tok.encode(text, add_special_tokens=False))
+
+
+def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[PromptInput]:
+    tok = state.engine.tokenizer
+    vocab = tok.vocab_size
+    prompts: list[PromptInput] = []
+    for p in req.prompts():
+        if isinstance(p, str):
+            prompts.append(PromptInput(tok.encode(p, add_special_tokens=True), p))
+            continue
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                           code="invalid_value", param="prompt")
+        prompts.append(PromptInput(list(p), tok.decode(p, skip_special_tokens=False) if req.echo else None))
+    for p in prompts:
+        if not p.token_ids:
+            raise ApiError(400, "the prompt is empty", code="invalid_value", param="prompt")
+    return prompts
+
+
+def _max_tokens(requested: int | None, prompt_len: int, state: ServerState, param: str) -> int:
+    limit = state.engine.max_model_len
+    if requested is None:
+        room = limit - prompt_len
+        if room < 1:
+            raise _context_error(limit, prompt_len, None, param)
+        return min(state.settings.default_max_tokens, room)
+    if prompt_len + requested > limit:
+        raise _context_error(limit, prompt_len, requested, param)
+    return requested
+
+
+def _context_error(limit: int, prompt_len: int, requested: int | None, param: str) -> ApiError:
+    asked = f" plus {requested} tokens to generate" if requested is not None else ""
+    return ApiError(400, f"this model's maximum context length is {limit} tokens; the request has "
+                         f"{prompt_len} prompt tokens{asked}. Shorten the {param} or lower max_tokens.",
+                    code="context_length_exceeded", param=param)
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine streams
+
+
+class ChoiceStreams:
+    """The engine iterators of one HTTP request, read as one stream of (choice index, output)."""
+
+    def __init__(self, streams: Sequence[AsyncIterator[GenerationOutput]]) -> None:
+        self._streams = list(streams)
+        self._pumps: list[asyncio.Task[None]] = []
+
+    async def first_outputs(self) -> list[GenerationOutput]:
+        """Every choice's first output, read concurrently (engine refusals are raised here)."""
+        if len(self._streams) == 1:
+            return [await anext(self._streams[0])]
+        tasks = [asyncio.ensure_future(anext(s)) for s in self._streams]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def rest(self, unfinished: set[int]) -> AsyncIterator[tuple[int, GenerationOutput]]:
+        if not unfinished:
+            return
+        if len(self._streams) == 1:
+            async for out in self._streams[0]:
+                yield 0, out
+                if out.finish_reason is not None:
+                    return
+            return
+        queue: asyncio.Queue[tuple[int, GenerationOutput | BaseException | None]] = asyncio.Queue()
+        for i in sorted(unfinished):
+            self._pumps.append(asyncio.create_task(self._pump(i, self._streams[i], queue)))
+        while unfinished:
+            i, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                unfinished.discard(i)
+                continue
+            if item.finish_reason is not None:
+                unfinished.discard(i)
+            yield i, item
+
+    @staticmethod
+    async def _pump(i: int, stream: AsyncIterator[GenerationOutput],
+                    queue: asyncio.Queue[tuple[int, GenerationOutput | BaseException | None]]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+                if out.finish_reason is not None:
+                    break
+            queue.put_nowait((i, None))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+
+    async def close(self) -> None:
+        """Stops reading and closes every iterator: the engine aborts what is still running."""
+        for t in self._pumps:
+            t.cancel()
+        if self._pumps:
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+        for s in self._streams:
+            aclose = getattr(s, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
+# --------------------------------------------------------------------------------------------------
+# Response shapes
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_index: int
+    text_parts: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    last_time: float = 0.0
+
+
+def _chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]}
+            for lp in items
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(items: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    offsets: list[int] = []
+    for lp in items:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in items],
+        "token_logprobs": [lp.logprob for lp in items],
+        "top_logprobs": [{t: v for _, t, v in lp.top} for lp in items],
+        "text_offset": offsets,
+    }
+
+
+class ResponseShape:
+    """How chat and completions differ on the wire."""
+
+    object_name: str
+    chunk_object_name: str
+
+    def __init__(self, response_id: str, model: str, created: int) -> None:
+        self.id = response_id
+        self.model = model
+        self.created = created
+
+    def chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None,
+              with_usage_key: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": self.id, "object": self.chunk_object_name, "created": self.created,
+                                "model": self.model, "choices": choices}
+        if with_usage_key or usage is not None:
+            body["usage"] = usage
+        return body
+
+    def start_choice(self, index: int) -> dict[str, Any] | None:
+        return None
+
+    def delta_choice(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None,
+                     text_offset: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish_choice(self, choice: Choice) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def full_choice(self, choice: Choice, logprobs: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def full(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage}
+
+
+class ChatShape(ResponseShape):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def start_choice(self, index: int) -> dict[str, Any]:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def delta_choice(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None,
+                     text_offset: int) -> dict[str, Any]:
+        return {"index": choice.index, "delta": {"content": text},
+                "logprobs": _chat_logprobs(logprobs) if logprobs is not None else None, "finish_reason": None}
+
+    def finish_choice(self, choice: Choice) -> dict[str, Any]:
+        return {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}
+
+    def full_choice(self, choice: Choice, logprobs: bool) -> dict[str, Any]:
+        return {"index": choice.index,
+                "message": {"role": "assistant", "content": "".join(choice.text_parts), "refusal": None},
+                "logprobs": _chat_logprobs(choice.logprobs) if logprobs else None,
+                "finish_reason": choice.finish_reason}
+
+
+class CompletionShape(ResponseShape):
+    object_name = "text_completion"
+    chunk_object_name = "text_completion"
+
+    def __init__(self, response_id: str, model: str, created: int, echo_texts: list[str | None]) -> None:
+        super().__init__(response_id, model, created)
+        self.echo_texts = echo_texts
+
+    def echo_of(self, choice: Choice) -> str:
+        return self.echo_texts[choice.prompt_index] or ""
+
+    def delta_choice(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None,
+                     text_offset: int) -> dict[str, Any]:
+        return {"index": choice.index, "text": text,
+                "logprobs": _completion_logprobs(logprobs, text_offset) if logprobs is not None else None,
+                "finish_reason": None}
+
+    def finish_choice(self, choice: Choice) -> dict[str, Any]:
+        return {"index": choice.index, "text": "", "logprobs": None, "finish_reason": choice.finish_reason}
+
+    def full_choice(self, choice: Choice, logprobs: bool) -> dict[str, Any]:
+        echo = self.echo_of(choice)
+        return {"index": choice.index, "text": echo + "".join(choice.text_parts),
+                "logprobs": _completion_logprobs(choice.logprobs, len(echo)) if logprobs else None,
+                "finish_reason": choice.finish_reason}
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared request path
+
+
+@dataclass
+class Job:
+    """One engine request: a prompt and one choice of it."""
+
+    choice_index: int
+    prompt_index: int
+    prompt: PromptInput
+    params: SamplingParams
+
+
+class GenerationRun:
+    """Runs the jobs of one HTTP request, answers it, and fills its record."""
+
+    def __init__(self, request: web.Request, state: ServerState, record: RequestRecord, shape: ResponseShape,
+                 jobs: list[Job], salt: str, arrival: float, stream: bool, include_usage: bool,
+                 logprobs: bool) -> None:
+        self.request = request
+        self.state = state
+        self.record = record
+        self.shape = shape
+        self.jobs = jobs
+        self.salt = salt
+        self.arrival = arrival
+        self.stream = stream
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+        self.choices = [Choice(j.choice_index, j.prompt_index) for j in jobs]
+        self.engine_start = 0.0
+        self.engine_end = 0.0
+
+    async def respond(self) -> web.StreamResponse:
+        engine = self.state.engine
+        rid = self.request["request_id"]
+        streams = ChoiceStreams([
+            engine.generate(GenerationRequest(f"{rid}-{j.choice_index}", j.prompt.token_ids, j.params, self.salt))
+            for j in self.jobs
+        ])
+        try:
+            self.engine_start = time.monotonic()
+            try:
+                firsts = await streams.first_outputs()
+            except EngineError as exc:
+                raise _engine_error(exc) from None
+            self._note_first(firsts)
+            if self.stream:
+                return await self._stream(streams, firsts)
+            return await self._collect(streams, firsts)
+        finally:
+            await streams.close()
+
+    def _note_first(self, firsts: list[GenerationOutput]) -> None:
+        now = time.monotonic()
+        rec = self.record
+        rec.ttft_s = now - self.arrival
+        seen_prompts: set[int] = set()
+        for job, out in zip(self.jobs, firsts, strict=True):
+            if job.prompt_index in seen_prompts:
+                continue  # the other choices of a prompt share its prefix; count the prompt once
+            seen_prompts.add(job.prompt_index)
+            rec.prompt_tokens += len(job.prompt.token_ids)
+            rec.cached_tokens += out.cached_tokens
+            for tier, n in out.cached_tokens_by_tier.items():
+                rec.cached_tokens_by_tier[tier] = rec.cached_tokens_by_tier.get(tier, 0) + n
+        rec.queue_time_s = firsts[0].queue_time_s
+        rec.cache = cache_class(rec.prompt_tokens, rec.cached_tokens, self.state.settings.block_size)
+        metrics = self.state.metrics
+        metrics.ttft.labels(cache=rec.cache).observe(rec.ttft_s)
+        metrics.queue_time.observe(rec.queue_time_s)
+        for c in self.choices:
+            c.last_time = now
+
+    def _accept(self, i: int, out: GenerationOutput) -> list[dict[str, Any]]:
+        """Folds one output into its choice; returns the stream chunks' choice entries it makes."""
+        c = self.choices[i]
+        now = time.monotonic()
+        if out.token_ids and c.completion_tokens:
+            gap = (now - c.last_time) / len(out.token_ids)
+            self.state.metrics.inter_token.observe(gap)
+        c.last_time = now
+        offset = sum(len(p) for p in c.text_parts)
+        c.text_parts.append(out.text)
+        c.completion_tokens = max(c.completion_tokens + len(out.token_ids), out.completion_tokens)
+        if self.logprobs and out.logprobs:
+            c.logprobs.extend(out.logprobs)
+        entries: list[dict[str, Any]] = []
+        if out.text or (self.logprobs and out.logprobs):
+            lps = (out.logprobs or []) if self.logprobs else None
+            if isinstance(self.shape, CompletionShape):
+                offset += len(self.shape.echo_of(c))
+            entries.append(self.shape.delta_choice(c, out.text, lps, offset))
+        if out.finish_reason is not None:
+            if out.finish_reason == "abort":
+                raise ApiError(503, "the request was aborted: the server is shutting down", code="aborted")
+            c.finish_reason = out.finish_reason
+            self.engine_end = now
+            entries.append(self.shape.finish_choice(c))
+        return entries
+
+    def usage(self) -> dict[str, Any]:
+        rec = self.record
+        completion = sum(c.completion_tokens for c in self.choices)
+        return {
+            "prompt_tokens": rec.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": rec.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": rec.cached_tokens,
+                                      "cached_tokens_by_tier": dict(rec.cached_tokens_by_tier)},
+        }
+
+    def _finish_record(self) -> None:
+        self.record.completion_tokens = sum(c.completion_tokens for c in self.choices)
+        self.record.finish_reason = self.choices[0].finish_reason
+
+    async def _collect(self, streams: ChoiceStreams, firsts: list[GenerationOutput]) -> web.Response:
+        for i, out in enumerate(firsts):
+            self._accept(i, out)
+        async for i, out in streams.rest({i for i, o in enumerate(firsts) if o.finish_reason is None}):
+            self._accept(i, out)
+        self._finish_record()
+        body = self.shape.full([self.shape.full_choice(c, self.logprobs) for c in self.choices], self.usage())
+        total_ms = (time.monotonic() - self.arrival) * 1000
+        engine_ms = (self.engine_end - self.engine_start) * 1000
+        # Server-Timing lets a client split its latency into engine time and proxy overhead.
+        timing = (f"engine;dur={engine_ms:.3f}, ttft;dur={(self.record.ttft_s or 0) * 1000:.3f}, "
+                  f"total;dur={total_ms:.3f}")
+        return web.Response(text=json.dumps(body, separators=(",", ":")), content_type="application/json",
+                            headers={"Server-Timing": timing})
+
+    async def _stream(self, streams: ChoiceStreams, firsts: list[GenerationOutput]) -> web.StreamResponse:
+        sse = SSEStream(self.request, headers={"X-Request-Id": self.request["request_id"]})
+        entries: list[dict[str, Any]] = []
+        for i in range(len(self.choices)):
+            start = self.shape.start_choice(self.choices[i].index)
+            if start is not None:
+                entries.append(start)
+        for i, out in enumerate(firsts):
+            entries.extend(self._accept(i, out))
+        await sse.open()
+        usage_key = self.include_usage
+        try:
+            await sse.send_many([self.shape.chunk([e], with_usage_key=usage_key) for e in entries])
+            async for i, out in streams.rest({i for i, o in enumerate(firsts) if o.finish_reason is None}):
+                entries = self._accept(i, out)
+                if entries:
+                    await sse.send_many([self.shape.chunk([e], with_usage_key=usage_key) for e in entries])
+        except (ApiError, EngineError) as exc:
+            # Headers are gone: the error travels as an event, as OpenAI's streams do.
+            err = exc if isinstance(exc, ApiError) else _engine_error(exc)
+            self.record.status, self.record.error = err.status, err.code
+            await sse.send(err.body())
+            await sse.close()
+            return sse.response
+        self._finish_record()
+        if self.include_usage:
+            await sse.send(self.shape.chunk([], usage=self.usage()))
+        await sse.close()
+        return sse.response
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None,
+              choice: int) -> SamplingParams:
+    seed = None if req.seed is None else req.seed + choice  # distinct, reproducible seeds per choice
+    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=req.stop_list(),
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        min_tokens=req.min_tokens,
+    )
+    try:
+        params.validate()
+    except EngineError as exc:
+        raise ApiError(400, str(exc), code=exc.code) from None
+    return params
+
+
+async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    arrival = time.monotonic()
+    rid = request["request_id"]
+    prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+    # status 0 until answered; a streamed error sets its own status on the record.
+    record = RequestRecord(id=f"{prefix}-{rid}", time=time.time(), endpoint=endpoint, tenant="", model="",
+                           status=0)
+    try:
+        require_ready(state)
+        record.tenant = tenant_of(request, state.settings)
+        structlog.contextvars.bind_contextvars(tenant=record.tenant)
+        body = await read_json(request, state.settings.max_body_bytes)
+        req: ChatCompletionRequest | CompletionRequest
+        if endpoint == "chat":
+            req = parse_body(ChatCompletionRequest, body)
+        else:
+            req = parse_body(CompletionRequest, body)
+        req.check()
+        record.model, record.stream, record.n = req.model, req.stream, req.n
+        record.prompt_cache_key = req.prompt_cache_key
+        check_model(req.model, state)
+
+        if isinstance(req, ChatCompletionRequest):
+            prompts = [await state.run_blocking(_chat_prompt, state, req)]
+            logprobs_k = req.logprobs_k()
+            param = "messages"
+            shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time))
+        else:
+            if req.echo and req.logprobs is not None:
+                raise ApiError(400, "echo with logprobs is not supported", code="invalid_value", param="echo")
+            prompts = await state.run_blocking(_completion_prompts, state, req)
+            logprobs_k = req.logprobs
+            param = "prompt"
+            shape = CompletionShape(record.id, state.engine.model_name, int(record.time),
+                                    [p.text if req.echo else None for p in prompts])
+        if len(prompts) * req.n > MAX_CHOICES_PER_REQUEST:
+            raise ApiError(400, f"prompts x n may be at most {MAX_CHOICES_PER_REQUEST}", code="invalid_value",
+                           param="n")
+        jobs: list[Job] = []
+        for p_idx, prompt in enumerate(prompts):
+            max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt.token_ids), state, param)
+            for k in range(req.n):
+                jobs.append(Job(p_idx * req.n + k, p_idx, prompt, _sampling(req, max_tokens, logprobs_k, k)))
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        run = GenerationRun(request, state, record, shape, jobs,
+                            cache_salt(record.tenant, req.cache_salt, state.settings), arrival,
+                            req.stream, include_usage, logprobs_k is not None)
+        response = await run.respond()
+        if record.status == 0:
+            record.status = 200
+        return response
+    except ApiError as exc:
+        record.status, record.error = exc.status, exc.code
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        record.status, record.error = 499, "client_disconnected"
+        raise
+    except Exception:
+        record.status, record.error = 500, "internal_error"
+        raise
+    finally:
+        record.e2e_s = time.monotonic() - arrival
+        if record.status == 200:
+            state.metrics.e2e.observe(record.e2e_s)
+        state.record(record)
+        log.info("request_done", endpoint=endpoint, status=record.status, error=record.error,
+                 prompt_tokens=record.prompt_tokens, cached_tokens=record.cached_tokens,
+                 completion_tokens=record.completion_tokens,
+                 ttft_ms=None if record.ttft_s is None else round(record.ttft_s * 1000, 2),
+                 e2e_ms=round(record.e2e_s * 1000, 2))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "completions")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    require_ready(state)
+    tenant_of(request, state.settings)
+    model = {"id": state.engine.model_name, "object": "model", "created": int(state.started_at),
+             "owned_by": "cacheproxy", "max_model_len": state.engine.max_model_len}
+    return web.json_response({"object": "list", "data": [model]})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)

@@ -1,0 +1,206 @@
+"""The OpenAI request bodies the server accepts, as pydantic models.
+
+Fields that agent frameworks send are declared (so a wrong type is a 400) even where the server only
+accepts and ignores them (penalties, logit_bias, response_format, metadata, ...); any other unknown field
+is dropped silently, as `extra="ignore"` says. Responses are built as plain dicts in openai_routes.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cacheproxy.server.errors import ApiError
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # accepted; usage comes once, at the end
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Lenient):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        # The engine reads text; an image or audio part cannot be honoured, so it is refused, not dropped.
+        if self.type not in ("text", "input_text") or self.text is None:
+            raise ValueError(f"content part of type {self.type!r} is not supported; only text parts are")
+        return self
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as the chat template reads it (the tokenizer flattens text parts and parses
+        tool-call arguments); absent fields stay absent, content stays present."""
+        msg = self.model_dump(exclude_none=True)
+        msg.setdefault("content", None)
+        return msg
+
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenCount = Annotated[int, Field(ge=1)]
+
+
+class _SamplingFields(_Lenient):
+    """What chat and completions share: the model, sampling, streaming and cache fields."""
+
+    model: str
+    max_tokens: TokenCount | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: off (vLLM's and our convention)
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    n: Annotated[int, Field(ge=1, le=64)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: Penalty | None = None  # accepted, not applied
+    frequency_penalty: Penalty | None = None  # accepted, not applied
+    repetition_penalty: float | None = None  # accepted, not applied
+    logit_bias: dict[str, float] | None = None  # accepted, not applied
+    prompt_cache_key: str | None = None
+    cache_salt: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop sequences")
+        if isinstance(v, list) and any(s == "" for s in v):
+            raise ValueError("stop sequences must be non-empty")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None or self.stop == "":
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: TokenCount | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # the template sees the tools; choice is not enforced
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None  # accepted, not enforced (no guided decoding)
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+    def check(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs to be true", code="invalid_value",
+                           param="top_logprobs")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_k(self) -> int | None:
+        """SamplingParams.logprobs: None for none, 0 for the chosen token's, k for the top k too."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# A completions prompt: text, texts, token ids, or lists of token ids.
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Prompt
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: Prompt) -> Prompt:
+        if isinstance(v, list) and len(v) == 0:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(v, list) and v and isinstance(v[0], list) and any(len(ids) == 0 for ids in v):
+            raise ValueError("a token-id prompt must not be empty")
+        return v
+
+    def check(self) -> None:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ApiError(400, "best_of other than n is not supported", code="invalid_value", param="best_of")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported", code="invalid_value", param="suffix")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+def parse_body(model: type[BaseModel], data: object) -> Any:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its field."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_request_body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        # Of a union's failed branches the deepest error is the telling one ("content part of type
+        # 'image_url' is not supported" rather than "content: not a string").
+        first = max(exc.errors(include_url=False), key=lambda e: len(e.get("loc", ())))
+        loc = [str(p) for p in first.get("loc", ())]
+        # Union members add their own type name to the path (e.g. "str" / "list[int]"); drop those.
+        loc = [p for p in loc if "[" not in p and p not in ("str", "int", "float", "bool", "none")]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid value")
+        raise ApiError(400, f"{param}: {msg}" if param else msg, code="invalid_value", param=param) from None

@@ -1,0 +1,53 @@
+"""What every route of one running server shares: settings, the engine, metrics, the records log."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+
+from cacheproxy.cache.records import RecordsLog, RequestRecord
+from cacheproxy.config import Settings
+from cacheproxy.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from cacheproxy.engine.async_engine import AsyncEngine
+
+T = TypeVar("T")
+
+# Records kept in memory for /admin/stats; the log file keeps them all.
+RECENT_RECORDS = 100_000
+# Threads for tokenization and chat templating (the tokenizers library releases the GIL while encoding).
+TOKENIZER_THREADS = 4
+
+
+class ServerState:
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = ServerMetrics(self.engine_stats)
+        self.records = RecordsLog(settings.records_path)
+        self.recent: collections.deque[RequestRecord] = collections.deque(maxlen=RECENT_RECORDS)
+        self.executor = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self.engine_start_error: BaseException | None = None
+        self.started_at = time.time()
+
+    def engine_stats(self) -> dict[str, Any] | None:
+        return self.engine.stats() if self.engine.ready else None
+
+    def record(self, rec: RequestRecord) -> None:
+        self.recent.append(rec)
+        self.records.append(rec)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+
+STATE: web.AppKey[ServerState] = web.AppKey("cacheproxy_state", ServerState)
