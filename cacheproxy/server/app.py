@@ -20,14 +20,13 @@ from cacheproxy.config import Settings
 from cacheproxy.log import get_logger
 from cacheproxy.server import admin_routes, openai_routes
 from cacheproxy.server.errors import ApiError, Handler, error_middleware
-from cacheproxy.server.state import STATE, ServerState
+from cacheproxy.server.state import REQUEST_ID, STATE, ServerState
 
 if TYPE_CHECKING:
     from cacheproxy.engine.async_engine import AsyncEngine
 
 log = get_logger(__name__)
 
-ENGINE_START: web.AppKey[asyncio.Task[None]] = web.AppKey("cacheproxy_engine_start", asyncio.Task)
 # Seconds a graceful shutdown waits for requests in flight before cancelling them.
 SHUTDOWN_GRACE_S = 15.0
 
@@ -36,7 +35,7 @@ SHUTDOWN_GRACE_S = 15.0
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Names each request; every structlog line logged while serving it carries `request_id`."""
     request_id = uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     response = await handler(request)
@@ -71,9 +70,9 @@ async def _start_engine(state: ServerState) -> None:
 
 def launch_engine(app: web.Application) -> asyncio.Task[None]:
     """Starts loading the model in the background; /health turns 200 when it is done."""
-    task = asyncio.create_task(_start_engine(app[STATE]))
-    app[ENGINE_START] = task
-    return task
+    state = app[STATE]
+    state.engine_start_task = asyncio.create_task(_start_engine(state))
+    return state.engine_start_task
 
 
 def create_app(settings: Settings, engine: AsyncEngine | None = None, *, start_engine: bool = True
@@ -99,7 +98,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None, *, start_e
             launch_engine(app)
 
     async def on_cleanup(app: web.Application) -> None:
-        task = app.get(ENGINE_START)
+        task = state.engine_start_task
         if task is not None and not task.done():
             task.cancel()
         if task is not None:

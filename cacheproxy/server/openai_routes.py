@@ -33,7 +33,7 @@ from cacheproxy.server.auth import cache_salt, tenant_of
 from cacheproxy.server.errors import ApiError
 from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from cacheproxy.server.sse import SSEStream
-from cacheproxy.server.state import STATE, ServerState
+from cacheproxy.server.state import REQUEST_ID, STATE, ServerState
 
 log = get_logger(__name__)
 
@@ -369,7 +369,7 @@ class GenerationRun:
 
     async def respond(self) -> web.StreamResponse:
         engine = self.state.engine
-        rid = self.request["request_id"]
+        rid = self.request[REQUEST_ID]
         streams = ChoiceStreams([
             engine.generate(GenerationRequest(f"{rid}-{j.choice_index}", j.prompt.token_ids, j.params, self.salt))
             for j in self.jobs
@@ -466,7 +466,7 @@ class GenerationRun:
                             headers={"Server-Timing": timing})
 
     async def _stream(self, streams: ChoiceStreams, firsts: list[GenerationOutput]) -> web.StreamResponse:
-        sse = SSEStream(self.request, headers={"X-Request-Id": self.request["request_id"]})
+        sse = SSEStream(self.request, headers={"X-Request-Id": self.request[REQUEST_ID]})
         entries: list[dict[str, Any]] = []
         for i in range(len(self.choices)):
             start = self.shape.start_choice(self.choices[i].index)
@@ -526,7 +526,7 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, l
 async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
     state = request.app[STATE]
     arrival = time.monotonic()
-    rid = request["request_id"]
+    rid = request[REQUEST_ID]
     prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
     # status 0 until answered; a streamed error sets its own status on the record.
     record = RequestRecord(id=f"{prefix}-{rid}", time=time.time(), endpoint=endpoint, tenant="", model="",

@@ -35,6 +35,7 @@ class ServerState:
         self.records = RecordsLog(settings.records_path)
         self.recent: collections.deque[RequestRecord] = collections.deque(maxlen=RECENT_RECORDS)
         self.executor = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self.engine_start_task: asyncio.Task[None] | None = None
         self.engine_start_error: BaseException | None = None
         self.started_at = time.time()
 
@@ -51,3 +52,4 @@ class ServerState:
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("cacheproxy_state", ServerState)
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("cacheproxy_request_id", str)
