@@ -54,7 +54,12 @@ def multiprocessor_count(device: torch.device) -> int:
 
 
 def plan_decode_splits(
-    batch: int, num_kv_heads: int, max_context_len: int, num_sms: int, block_n: int
+    batch: int,
+    num_kv_heads: int,
+    max_context_len: int,
+    num_sms: int,
+    block_n: int,
+    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> DecodeSplitPlan:
     """Choose the splits from the context length and the batch: enough programs to fill the chip.
 
@@ -62,7 +67,7 @@ def plan_decode_splits(
     and keeps one split per sequence (no merge launch).
     """
     tiles = max(1, triton.cdiv(max_context_len, block_n))
-    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, max(1, batch * num_kv_heads))
+    wanted = triton.cdiv(programs_per_sm * num_sms, max(1, batch * num_kv_heads))
     splits = max(1, min(wanted, triton.cdiv(tiles, MIN_TILES_PER_SPLIT), MAX_SPLITS))
     tiles_per_split = triton.cdiv(tiles, splits)
     return DecodeSplitPlan(triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_n)
