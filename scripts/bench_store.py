@@ -65,12 +65,16 @@ def _entries(hasher: BlockHasher, n: int) -> list[BlockEntry]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--blocks", type=int, default=128, help="blocks written and read (2 MiB each)")
     parser.add_argument("--dir", type=Path, default=None, help="where the LMDB goes (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument(
-        "--torch-threads", type=int, default=1,
+        "--torch-threads",
+        type=int,
+        default=1,
         help="torch intra-op threads; on a small shared CPU more threads make block copies slower",
     )
     args = parser.parse_args()
@@ -87,8 +91,14 @@ def main() -> None:
     t_np = _median_of(lambda: hasher.hash_blocks(ids_np), args.repeats)
     t_list = _median_of(lambda: hasher.hash_blocks(ids_list), args.repeats)
     rows += [
-        ("hash 128k tokens, int32 array (median)", f"{t_np * 1e6:,.0f} µs = {PROMPT_TOKENS / t_np / 1e6:.1f} M tok/s"),
-        ("hash 128k tokens, list[int] (median)", f"{t_list * 1e6:,.0f} µs = {PROMPT_TOKENS / t_list / 1e6:.1f} M tok/s"),
+        (
+            "hash 128k tokens, int32 array (median)",
+            f"{t_np * 1e6:,.0f} µs = {PROMPT_TOKENS / t_np / 1e6:.1f} M tok/s",
+        ),
+        (
+            "hash 128k tokens, list[int] (median)",
+            f"{t_list * 1e6:,.0f} µs = {PROMPT_TOKENS / t_list / 1e6:.1f} M tok/s",
+        ),
         ("  per block (8,192 blocks, array)", f"{t_np / (PROMPT_TOKENS // BLOCK) * 1e9:.0f} ns"),
     ]
 
@@ -157,14 +167,22 @@ def main() -> None:
         t_raw = time.perf_counter() - start
     rows += [
         (f"disk put, 1 commit/block, {half} blocks", f"{half * block_bytes / t_sync / 1e9:.2f} GB/s"),
-        (f"disk put_async+flush, batched, {len(entries) - half}", f"{(len(entries) - half) * block_bytes / t_async / 1e9:.2f} GB/s"),
-        (f"disk get (page cache), {len(entries)} blocks", f"{total / t_read / 1e9:.2f} GB/s, {t_read / len(entries) * 1e3:.2f} ms/block"),
+        (
+            f"disk put_async+flush, batched, {len(entries) - half}",
+            f"{(len(entries) - half) * block_bytes / t_async / 1e9:.2f} GB/s",
+        ),
+        (
+            f"disk get (page cache), {len(entries)} blocks",
+            f"{total / t_read / 1e9:.2f} GB/s, {t_read / len(entries) * 1e3:.2f} ms/block",
+        ),
         (f"raw file write+fsync, {half} blocks (reference)", f"{len(raw) / t_raw / 1e9:.2f} GB/s"),
         ("disk stats", f"puts={stats.puts} hits={stats.hits} skipped={stats.writes_skipped}"),
     ]
 
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
     width = max(len(name) for name, _ in rows)
     for name, result in rows:
         print(f"{name:<{width}}  {result}")

@@ -126,7 +126,9 @@ def test_evicted_blocks_are_demoted_to_the_disk_tier(tmp_path: Path) -> None:
     disk.flush()
     for e in entries[:3]:
         got = disk.get(e.hash)
-        assert got is not None and got.matches(e.parent_hash, e.token_ids) and torch.equal(got.tensor, e.tensor)
+        assert (
+            got is not None and got.matches(e.parent_hash, e.token_ids) and torch.equal(got.tensor, e.tensor)
+        )
     assert not disk.contains(entries[4].hash)
     disk.close()
 
@@ -143,7 +145,9 @@ def test_concurrent_puts_and_gets_keep_content_and_capacity() -> None:
                 got = tier.get(entries[(offset + rnd) % 64].hash)
                 if got is not None:
                     want = entries[(offset + rnd) % 64]
-                    if not (got.matches(want.parent_hash, want.token_ids) and torch.equal(got.tensor, want.tensor)):
+                    if not (
+                        got.matches(want.parent_hash, want.token_ids) and torch.equal(got.tensor, want.tensor)
+                    ):
                         errors.append(f"wrong content for block {(offset + rnd) % 64}")
                 if tier.used_bytes > tier.capacity_bytes:
                     errors.append("over capacity")

@@ -212,7 +212,10 @@ def test_a_reader_pinning_old_pages_makes_writes_fail_soft_until_it_ends(tmp_pat
         tier.put(e)
     # While another process reads an old snapshot, LMDB may not reuse the pages evictions free.
     reader = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_READ_SNAPSHOT, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOLD_READ_SNAPSHOT, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "reading"
@@ -276,7 +279,10 @@ def test_a_full_write_queue_skips_writes_and_counts_them(tmp_path: Path) -> None
     tier = DiskTier(path, NAMESPACE.digest, map_size=16 << 20, write_queue=2, max_batch_entries=1)
     # Another process holds LMDB's write lock, so the writer thread stalls on its first batch.
     holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_WRITE_LOCK, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOLD_WRITE_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"

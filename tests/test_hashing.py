@@ -71,7 +71,8 @@ def test_every_namespace_field_changes_the_root() -> None:
     roots = {BlockHasher(ns).root() for ns in variants}
     assert base not in roots and len(roots) == len(variants)
     # The fixed tenant salt and a per-call salt are different fields, so they cannot alias.
-    assert BlockHasher(dataclasses.replace(NAMESPACE, tenant_salt="t")).root() != BlockHasher(NAMESPACE).root("t")
+    fixed_salt = BlockHasher(dataclasses.replace(NAMESPACE, tenant_salt="t"))
+    assert fixed_salt.root() != BlockHasher(NAMESPACE).root("t")
 
 
 def test_seed_changes_block_hashes_but_not_the_root() -> None:
@@ -130,7 +131,12 @@ print(",".join(h.hex() for h in BlockHasher(ns, seed=1234).hash_blocks(list(rang
 def test_hashes_are_equal_in_another_process(hasher: BlockHasher) -> None:
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # a different str hash() than ours
     out = subprocess.run(
-        [sys.executable, "-c", _HASH_IN_CHILD], env=env, capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", _HASH_IN_CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout.strip()
     assert out.split(",") == [h.hex() for h in hasher.hash_blocks(list(range(40)), salt="tenant")]
 

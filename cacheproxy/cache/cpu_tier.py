@@ -95,7 +95,9 @@ class CpuTier:
     def get_into(self, block_hash: bytes, out: torch.Tensor) -> BlockEntry | None:
         """Copy a block into `out` (same shape and dtype, any device); None on a miss."""
         if tuple(out.shape) != self.block_shape or out.dtype != self.dtype:
-            raise ValueError(f"out must be {self.block_shape} {self.dtype}, got {tuple(out.shape)} {out.dtype}")
+            raise ValueError(
+                f"out must be {self.block_shape} {self.dtype}, got {tuple(out.shape)} {out.dtype}"
+            )
         with self._lock:
             resident = self._touch(block_hash)
             if resident is None:
@@ -126,7 +128,9 @@ class CpuTier:
                 old_hash, old = self._lru.popitem(last=False)
                 self._stats.evictions += 1
                 if self._on_evict is not None:
-                    evicted = BlockEntry(old_hash, old.parent_hash, old.token_ids, self._slab[old.slot].clone())
+                    evicted = BlockEntry(
+                        old_hash, old.parent_hash, old.token_ids, self._slab[old.slot].clone()
+                    )
                 self._free.append(old.slot)
             slot = self._free.pop()
             try:

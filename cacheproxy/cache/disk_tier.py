@@ -16,9 +16,11 @@ Accounting: every entry counts its value rounded up to LMDB pages plus a fixed o
 index and order records. Writes evict until `used + new <= budget` (`fill_fraction` of `map_size`);
 the rest of the map (at least 128 pages) is headroom, because pages freed in a transaction are
 reusable only by later ones; one transaction adds at most half of (headroom - 64 pages) in new
-values, and a larger value is refused. When LMDB still reports the map full (a fragmented free list, a long-lived reader pinning
-old pages), a separate transaction evicts the oldest tenth of the budget and the write is retried,
-evicting twice as much each round for up to four rounds; then the write is dropped and counted.
+values, and a larger value is refused. When LMDB still reports the map full (a fragmented free
+list, a long-lived reader pinning old pages), a separate transaction evicts the oldest tenth of
+the budget and the write is retried, evicting twice as much each round for up to four rounds; then
+the write is dropped and counted. So a reader holding an old snapshot for long (another process)
+makes the tier shed entries and then drop writes until that reader ends; it recovers by itself.
 
 Durability: every committed write survives a crash of the process (LMDB commits are atomic).
 With `sync=True` (default) data pages are flushed at each commit and only the meta page flush is
@@ -28,7 +30,8 @@ whole batches from its queue in one transaction, which is what makes that flush 
 Threads: any thread may call `get`/`contains`/`put`/`remove`; `put_async` hands the entry to the
 single writer thread and never blocks (a full queue skips the write and counts it). Several
 processes may open the same directory: sequence numbers and byte counts are read inside each write
-transaction, and LMDB serializes writers across processes.
+transaction, and LMDB serializes writers across processes (`used_bytes` is this process's view
+as of its last write).
 """
 
 from __future__ import annotations
