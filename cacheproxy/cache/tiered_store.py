@@ -136,6 +136,16 @@ class TieredStore:
             if self.policy == "write_back":
                 break
 
+    def evict_gpu(self) -> int:
+        """Moves every unreferenced cached block out of the pool, demoting it as eviction would."""
+        n = 0
+        for block in list(self.pool.by_hash.values()):
+            ident = self.pool.identity[block]
+            if ident is not None and self.pool.ref_counts[block] == 0:
+                self._demote(block, ident)
+                n += self.pool.evict(ident.hash)
+        return n
+
     def flush(self) -> int:
         """Graceful shutdown: every block held in the pool or the CPU tier goes to the persistent
         tiers (disk, remote), so the next start serves them. Returns how many were written."""
@@ -208,4 +218,8 @@ def build_lower_tiers(
         tiers.append(CpuTier(block_shape, dtype, settings.cpu_cache_bytes, on_evict=on_evict))
     if disk is not None:
         tiers.append(disk)
+    if settings.redis_url:
+        from cacheproxy.cache.redis_tier import RedisTier  # redis-py is the optional [redis] extra
+
+        tiers.append(RedisTier.from_settings(settings, namespace_digest))
     return tiers

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from cacheproxy.cache.cost_model import CostModel, measure_load_times
 from cacheproxy.cache.hashing import BlockHasher, Namespace
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.cache.tiered_store import TieredStore, build_lower_tiers
@@ -99,9 +100,14 @@ class LLMEngine:
         self.store = TieredStore(self.pool, self.hasher, lower_tiers, settings.cache_policy)
         self.scheduler = Scheduler(self.pool, self.store, settings.max_num_seqs, settings.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv)
+        if device.type == "cuda" and settings.cuda_graphs:
+            self.runner.capture_decode_graphs(settings.max_num_seqs, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self.streams: dict[str, _Stream] = {}
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_id)
+        self.cost_model = self._measure_costs()
+        if settings.cost_model:
+            self.store.worth_loading = self.cost_model.worth_loading()
         log.info(
             "engine ready",
             architecture=cfg.architecture,
@@ -151,6 +157,27 @@ class LLMEngine:
                 500,
             )
         return int(n)
+
+    def _measure_costs(self) -> CostModel:
+        """Prefill speed of this model on this device, and each tier's time to load one block."""
+        n = min(self.settings.max_num_batched_tokens, 512, self.max_model_len, (self.pool.num_free - 1) * self.block_size)
+        ids = torch.randint(0, self.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.score(ids)  # warm-up (kernel compilation, allocator)
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            self.score(ids)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        scratch = self.pool.allocate()
+        try:
+            loads = measure_load_times(self.store.tiers, self.pool.kv[scratch], sync)
+        finally:
+            self.pool.release(scratch)
+        cost = CostModel(self.block_size, self.pool.block_bytes, n / best, loads)
+        log.info("cost model", **cost.as_dict())
+        return cost
 
     # --- requests -----------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:
@@ -327,6 +354,7 @@ class LLMEngine:
     def stats(self) -> dict[str, object]:
         s = self.store.stats()
         s["requests"] = {"running": self.num_running, "waiting": self.num_waiting}
+        s["cost_model"] = self.cost_model.as_dict()
         return s
 
     def shutdown(self) -> None:

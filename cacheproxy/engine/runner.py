@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cacheproxy.engine.cuda_graphs import DecodeGraphs
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.sampler import sample
 from cacheproxy.engine.scheduler import ScheduledStep
@@ -28,6 +29,11 @@ class ModelRunner:
         self.device = kv.device
         self.block_size = kv.shape[3]
         model.bind_kv_pool(kv)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, self.model.config.hidden_size)
 
     def _prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
         bs = self.block_size
@@ -67,6 +73,11 @@ class ModelRunner:
 
     def _forward(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
         input_ids, positions, ctx, sample_idx = self._prepare(step)
+        graphs = self.graphs
+        if graphs is not None and not ctx.is_prefill and graphs.fits(len(step.chunks), ctx.block_tables.shape[1]):
+            assert ctx.context_lens is not None
+            hidden = graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)
+            return hidden, sample_idx
         set_context(ctx)
         try:
             return self.model(input_ids, positions), sample_idx
@@ -91,7 +102,7 @@ class ModelRunner:
         lp_out: list[tuple[float, list[tuple[int, float]]] | None] = []
         for i, c in enumerate(sampling):
             k = c.seq.params.logprobs
-            if k is None:
+            if k is None or logprobs is None:
                 lp_out.append(None)
                 continue
             row = logprobs[i]

@@ -9,13 +9,14 @@ from cacheproxy.engine.request import SamplingParams
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> tuple[list[int], torch.Tensor]:
-    """logits [N, V] float32 -> (token ids, log-probabilities [N, V] of the model's distribution).
+) -> tuple[list[int], torch.Tensor | None]:
+    """logits [N, V] float32 -> (token ids, log-probabilities [N, V] of the model's distribution,
+    computed only when a request asked for logprobs).
 
     Greedy rows are one argmax for the whole batch; sampled rows draw with their own generator, so
     a request with a seed gets the same tokens whatever else shares its batch.
     """
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
     out = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
         if p.greedy:

@@ -1,0 +1,132 @@
+"""The engine on CUDA in bf16 (Triton kernels) against Hugging Face transformers on the same weights."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from cacheproxy.config import Settings
+from cacheproxy.engine.engine import LLMEngine, generate_blocking
+from cacheproxy.engine.request import GenerationRequest, SamplingParams
+from cacheproxy.engine.tiny_model import make_tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+transformers = pytest.importorskip("transformers")
+
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "llama-tied"]
+# A wider model than the CPU tests' so the kernels see real head_dim and GQA shapes.
+SHAPE = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+         "intermediate_size": 1024, "num_hidden_layers": 3}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gpu-models")
+    out = {}
+    for arch in ARCHS:
+        base, _, variant = arch.partition("-")
+        extra = {"tie_word_embeddings": True} if variant == "tied" else {}
+        out[arch] = make_tiny_model(root / arch, base, seed=11, init_std=0.05, **SHAPE, **extra)
+    return out
+
+
+def _engine(path: Path, tmp: Path, **kw: object) -> LLMEngine:
+    opts: dict[str, object] = {"model": str(path), "data_dir": tmp, "device": "cuda", "dtype": "bfloat16",
+                               "num_kv_blocks": 512, "cpu_cache_bytes": 0, "disk_cache_enabled": False}  # fmt: skip
+    opts.update(kw)
+    return LLMEngine.from_settings(Settings(**opts))
+
+
+def _hf(path: Path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).cuda().eval()
+
+
+def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 2000) for _ in range(n)] for n in lengths]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_prefill_logits_close_to_transformers(models: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    engine = _engine(models[arch], tmp_path)
+    hf = _hf(models[arch])
+    ids = _prompts(1, [300])[0]
+    ours = engine.score(ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids], device="cuda")).logits[0].float()
+        ref64 = _hf_fp64_logits(models[arch], ids)
+    # bf16 against bf16: both are within bf16 rounding of the float64 truth, and of each other.
+    scale = ref64.abs().max().item()
+    assert (ours - ref64).abs().max().item() < 0.05 * scale
+    assert (ours - ref).abs().max().item() < 0.05 * scale
+
+
+def _hf_fp64_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float64).cuda().eval()
+    with torch.no_grad():
+        return m(torch.tensor([ids], device="cuda")).logits[0].float()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("chunk", [4096, 64], ids=["unchunked", "chunked"])
+def test_bf16_greedy_tokens_match_transformers(models: dict[str, Path], tmp_path: Path, arch: str, chunk: int) -> None:
+    """32 greedy tokens per prompt, a batch of lengths. Every token is the reference's argmax,
+    except where the reference's own top two are closer than bf16 can tell apart."""
+    engine = _engine(models[arch], tmp_path, max_num_batched_tokens=chunk)
+    hf = _hf(models[arch])
+    prompts = _prompts(2, [5, 37, 130, 700])
+    reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(prompts)]  # fmt: skip
+    got = generate_blocking(engine, reqs)
+    exact = 0
+    for i, p in enumerate(prompts):
+        seq = p + got[f"r{i}"]
+        with torch.no_grad():
+            logits = hf(torch.tensor([seq], device="cuda")).logits[0, len(p) - 1 : -1].float()
+        for j, tok in enumerate(got[f"r{i}"]):
+            best = logits[j].max().item()
+            if logits[j].argmax().item() == tok:
+                exact += 1
+                continue
+            assert best - logits[j, tok].item() < 0.02 * max(1.0, abs(best)), (arch, i, j)
+            break  # past a near-tie the two continuations legitimately differ
+    assert exact >= 0.9 * 32 * len(prompts) * 0.5  # most tokens are exact matches
+
+
+def test_tier_round_trip_on_cuda_with_pinned_cpu_tier(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path, cpu_cache_bytes=64 << 20, disk_cache_enabled=True,
+                     disk_cache_bytes=256 << 20, cost_model=False)  # fmt: skip
+    prompt = _prompts(3, [500])[0]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def run(rid: str) -> tuple[list[int], dict[str, int]]:
+        engine.add_request(GenerationRequest(rid, prompt, params))
+        toks: list[int] = []
+        tiers: dict[str, int] = {}
+        while engine.has_work():
+            for o in engine.step():
+                toks += o.token_ids
+                tiers = tiers or o.cached_tokens_by_tier
+        return toks, tiers
+
+    cold, _ = run("cold")
+    gpu, t_gpu = run("gpu")
+    assert t_gpu == {"gpu": 496}
+    engine.store.evict_gpu()
+    cpu, t_cpu = run("cpu")
+    assert t_cpu == {"cpu": 496}
+    assert engine.store.load_stream is not None  # copies ran on the side stream
+    cpu_tier = engine.store.tiers[0]
+    assert cpu_tier._slab is not None and cpu_tier._slab.is_pinned()  # type: ignore[attr-defined]
+    assert cold == gpu == cpu
+    engine.shutdown()
+    again = _engine(models["llama"], tmp_path, cpu_cache_bytes=64 << 20, disk_cache_enabled=True,
+                    disk_cache_bytes=256 << 20, cost_model=False)  # fmt: skip
+    engine = again
+    disk, t_disk = run("disk")
+    assert t_disk == {"disk": 496}
+    assert disk == cold
+    engine.shutdown()
