@@ -76,6 +76,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, only: Sequence[str] 
             group.add_argument(_flag(name), choices=[str(c) for c in typing.get_args(annotation)], **kwargs)
         elif origin is dict:
             group.add_argument(_flag(name), action="append", type=_key_value, metavar="KEY=VALUE", **kwargs)
+        elif origin is list and typing.get_args(annotation)[0] in (int, float, str):
+            kwargs["help"] = f"{help_text} (repeat the flag for several)".strip()
+            group.add_argument(_flag(name), action="append", type=typing.get_args(annotation)[0], **kwargs)
         elif annotation in (int, float, str, Path):
             group.add_argument(_flag(name), type=annotation, **kwargs)
         else:  # a type argparse cannot spell: settings file or environment only

@@ -127,7 +127,9 @@ def read_records(path: Path) -> Iterator[RequestRecord]:
             if not line:
                 continue
             try:
-                yield RequestRecord.from_dict(json.loads(line))
+                data = json.loads(line)
+                if isinstance(data, dict):
+                    yield RequestRecord.from_dict(data)
             except (ValueError, TypeError):
                 continue
 
