@@ -67,10 +67,17 @@ class Settings(BaseSettings):
     disk_cache_fill: float = Field(
         default=0.9, gt=0.0, lt=1.0, description="Share of the LMDB map filled before evicting."
     )
-    redis_url: str | None = None
+    redis_url: str | None = Field(
+        default=None, description="redis://host:6379/0, or redis+cluster://host:7000 for a Redis Cluster."
+    )
     redis_ttl_s: int = Field(default=24 * 3600, ge=1)
     redis_max_bytes: int = Field(default=8 << 30, ge=0)
     redis_timeout_s: float = Field(default=0.25, gt=0)
+    redis_max_entry_bytes: int = Field(default=32 << 20, ge=1, description="Larger blocks are not sent.")
+    redis_write_queue: int = Field(default=1024, ge=1)
+    redis_key_prefix: str = "cacheproxy:kv:"
+    redis_breaker_failures: int = Field(default=3, ge=1, description="Failures in a row that open the breaker.")
+    redis_breaker_cooldown_s: float = Field(default=5.0, gt=0, description="Seconds the tier is skipped.")
     cost_model: bool = Field(default=True, description="Skip a tier when recompute is faster.")
 
     # --- server --------------------------------------------------------------------------
@@ -82,6 +89,17 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     default_max_tokens: int = Field(default=256, ge=1)
     records_file: str = "records.jsonl"
+
+    # --- router (`cacheproxy route`) ------------------------------------------------------------
+    router_backends: list[str] = Field(default_factory=list, description="Replica base URLs.")
+    router_policy: Literal["affinity", "round_robin"] = "affinity"
+    router_prefix_bytes: int = Field(
+        default=4096, ge=64, description="Leading bytes of the conversation hashed for affinity."
+    )
+    router_virtual_nodes: int = Field(default=64, ge=1, description="Points per replica on the hash ring.")
+    router_max_in_flight: int = Field(default=32, ge=1, description="Per replica, before the next is tried.")
+    router_health_interval_s: float = Field(default=2.0, gt=0)
+    router_upstream_timeout_s: float = Field(default=600.0, gt=0)
 
     # --- logging -------------------------------------------------------------------------
     log_level: str = "INFO"
