@@ -92,6 +92,17 @@ class CpuTier:
             tensor = self._slab[resident.slot].clone()
         return BlockEntry(block_hash, resident.parent_hash, resident.token_ids, tensor)
 
+    def get_view(self, block_hash: bytes) -> BlockEntry | None:
+        """The entry with a *view* of its slab slot, no copy: valid only until the next put or
+        remove on this tier. The tiered store uses it to start an asynchronous copy from pinned
+        memory straight into the pool, and waits for that copy before it puts again."""
+        with self._lock:
+            resident = self._touch(block_hash)
+            if resident is None:
+                return None
+            assert self._slab is not None
+            return BlockEntry(block_hash, resident.parent_hash, resident.token_ids, self._slab[resident.slot])
+
     def get_into(self, block_hash: bytes, out: torch.Tensor) -> BlockEntry | None:
         """Copy a block into `out` (same shape and dtype, any device); None on a miss."""
         if tuple(out.shape) != self.block_shape or out.dtype != self.dtype:

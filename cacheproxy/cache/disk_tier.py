@@ -127,6 +127,9 @@ class DiskTier:
             self._used = self._read_used(txn)
         self._stats = TierStats()
         self._stats_lock = threading.Lock()
+        # Entries queued for the writer, readable at once: a block demoted from the CPU tier must
+        # not miss everywhere while it waits for its commit.
+        self._in_flight: dict[bytes, BlockEntry] = {}
         self._write_lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=write_queue)
         self._closed = False
@@ -163,11 +166,18 @@ class DiskTier:
 
     def contains(self, block_hash: bytes) -> bool:
         """Whether a value is stored under the hash (not verified: `get` may still drop it)."""
+        if block_hash in self._in_flight:
+            return True
         with self._env.begin(db=self._blocks, buffers=True) as txn:
             return txn.get(block_hash) is not None
 
     def get(self, block_hash: bytes) -> BlockEntry | None:
         """The verified entry, or None; a damaged or foreign entry is deleted and counted."""
+        pending = self._in_flight.get(block_hash)
+        if pending is not None:
+            with self._stats_lock:
+                self._stats.hits += 1
+            return BlockEntry(pending.hash, pending.parent_hash, pending.token_ids, pending.tensor.clone())
         try:
             with self._env.begin(db=self._blocks, buffers=True) as txn:
                 raw = txn.get(block_hash)
@@ -195,13 +205,16 @@ class DiskTier:
         The writer encodes `entry.tensor` later, so the caller must not modify that tensor after
         this call (hand over a copy, not a live pool block).
         """
+        self._in_flight[entry.hash] = entry
         if self._enqueue(("put", entry)):
             return True
+        self._in_flight.pop(entry.hash, None)
         with self._stats_lock:
             self._stats.writes_skipped += 1
         return False
 
     def remove(self, block_hash: bytes) -> bool:
+        self._in_flight.pop(block_hash, None)
         with self._write_lock, self._env.begin(write=True) as txn:
             freed = self._delete(txn, block_hash)
             if freed is None:
@@ -297,6 +310,9 @@ class DiskTier:
                 log.exception("disk_tier.batch_failed", entries=len(batch.entries))
                 with self._stats_lock:
                     self._stats.writes_skipped += len(batch.entries)
+            for e in batch.entries:
+                if self._in_flight.get(e.hash) is e:
+                    del self._in_flight[e.hash]
             for done in batch.barriers:
                 done.set()
             if batch.stop:

@@ -8,7 +8,6 @@ Not thread-safe: only the engine thread calls it (the lower tiers lock themselve
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -57,6 +56,7 @@ class TieredStore:
         self.worth_loading = worth_loading or {}
         self.counters = StoreCounters()
         self.load_stream = torch.cuda.Stream(pool.kv.device) if pool.kv.is_cuda else None
+        self._loads_pending = False
         pool.on_evict = self._demote
 
     # --- lookup -------------------------------------------------------------------------
@@ -65,7 +65,6 @@ class TieredStore:
         blocks: list[int] = []
         by_tier: Counter[str] = Counter()
         parent = root
-        loads: list[tuple[int, BlockEntry, str]] = []
         for i, h in enumerate(hashes[:max_blocks]):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             block = self.pool.lookup(h, parent, toks)
@@ -73,45 +72,50 @@ class TieredStore:
                 self.pool.acquire(block)
                 by_tier[GPU] += bs
             else:
+                if self.pool.num_free == 0 or not any(t.contains(h) for t in self._eligible()):
+                    break
+                # Allocate before reading: the allocation may demote a pool block into the CPU
+                # tier, which must not reuse a slot we are about to copy from.
+                block = self.pool.allocate()
                 found = self._find_lower(h, parent, toks)
-                if found is None or self.pool.num_free == 0:
+                if found is None:
+                    self.pool.release(block)
                     break
                 entry, tier_name = found
-                block = self.pool.allocate()
-                loads.append((block, entry, tier_name))
+                self._copy_in(block, entry, tier_name)
                 self.pool.register(block, BlockIdentity(h, parent, toks))
                 by_tier[tier_name] += bs
             blocks.append(block)
             parent = h
-        if loads:
-            self._load(loads)
+        if self._loads_pending and self.load_stream is not None:
+            # The compute stream waits for the copies; the host does not.
+            torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
         self.counters.queries_tokens += len(token_ids)
         self.counters.hits_tokens.update(by_tier)
         return PrefixMatch(blocks, len(blocks) * bs, dict(by_tier))
 
+    def _eligible(self) -> list[KVTier]:
+        return [t for t in self.tiers if self.worth_loading.get(t.name, True)]
+
     def _find_lower(self, h: bytes, parent: bytes, toks: tuple[int, ...]) -> tuple[BlockEntry, str] | None:
-        for tier in self.tiers:
-            if not self.worth_loading.get(tier.name, True):
-                continue
-            entry = tier.get(h)
+        for tier in self._eligible():
+            get_view = getattr(tier, "get_view", None)
+            entry = get_view(h) if get_view is not None else tier.get(h)
             if entry is not None and entry.matches(parent, toks):
                 return entry, tier.name
         return None
 
-    def _load(self, loads: list[tuple[int, BlockEntry, str]]) -> None:
-        kv = self.pool.kv
+    def _copy_in(self, block: int, entry: BlockEntry, tier_name: str) -> None:
         stream = self.load_stream
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            for block, entry, tier_name in loads:
-                src = entry.tensor
-                if stream is not None and not src.is_pinned():
-                    src = src.pin_memory()
-                kv[block].copy_(src, non_blocking=stream is not None)
-                self.counters.transfers[(tier_name, GPU)] += self.pool.block_bytes
-        if stream is not None:
-            # The compute stream waits for the copies; the host does not.
-            torch.cuda.current_stream(kv.device).wait_stream(stream)
+        if stream is None:
+            self.pool.kv[block].copy_(entry.tensor)
+        else:
+            # From a pinned CPU-tier slot this is an asynchronous DMA on the side stream; the slot
+            # stays untouched until the stream is drained (see _write_down).
+            with torch.cuda.stream(stream):
+                self.pool.kv[block].copy_(entry.tensor, non_blocking=True)
+            self._loads_pending = True
+        self.counters.transfers[(tier_name, GPU)] += self.pool.block_bytes
 
     # --- filling and movement ------------------------------------------------------------
     def register(self, block: int, ident: BlockIdentity) -> None:
@@ -128,6 +132,9 @@ class TieredStore:
         write_through: into every lower tier. Disk and remote writes are queued, never awaited."""
         if not self.tiers:
             return
+        if self._loads_pending and self.load_stream is not None:
+            self.load_stream.synchronize()  # a put may reuse a slot a pending load reads from
+            self._loads_pending = False
         entry = BlockEntry(ident.hash, ident.parent, ident.token_ids, self.pool.kv[block].to("cpu", copy=True))
         for tier in self.tiers:
             put = getattr(tier, "put_async", tier.put)

@@ -1,0 +1,152 @@
+"""The tiered prefix store inside the engine: every tier serves the same KV the model computed."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from cacheproxy.config import Settings
+from cacheproxy.engine.engine import LLMEngine
+from cacheproxy.engine.request import GenerationOutput, GenerationRequest, SamplingParams
+from cacheproxy.engine.tiny_model import make_tiny_model
+
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("store-models")
+    return {a: make_tiny_model(root / a, a, seed=3, init_std=0.15) for a in ARCHS}
+
+
+def _engine(model: Path, data_dir: Path, **kw: object) -> LLMEngine:
+    opts: dict[str, object] = {
+        "model": str(model),
+        "data_dir": data_dir,
+        "num_kv_blocks": 128,
+        "cpu_cache_bytes": 4 << 20,
+        "disk_cache_bytes": 64 << 20,
+        "cost_model": False,  # these tests want every tier used, whatever it costs here
+    }
+    opts.update(kw)
+    return LLMEngine.from_settings(Settings(**opts))
+
+
+def _run(engine: LLMEngine, rid: str, prompt: list[int], n: int = 16, salt: str = "") -> list[GenerationOutput]:
+    engine.add_request(
+        GenerationRequest(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), salt)
+    )
+    outs: list[GenerationOutput] = []
+    while engine.has_work():
+        outs.extend(engine.step())
+    return [o for o in outs if o.request_id == rid]
+
+
+def _tokens(outs: list[GenerationOutput]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(5, 2000) for _ in range(n)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_output_identical_cold_gpu_cpu_and_disk_after_restart(
+    models: dict[str, Path], tmp_path: Path, arch: str
+) -> None:
+    prompt = _prompt(1, 90)
+    full = (len(prompt) - 1) // 16 * 16
+    a = _engine(models[arch], tmp_path)
+    cold = _run(a, "cold", prompt)
+    gpu = _run(a, "gpu", prompt)
+    assert cold[0].cached_tokens == 0
+    assert gpu[0].cached_tokens_by_tier == {"gpu": full}
+
+    assert a.store.evict_gpu() > 0  # demoted to the CPU tier
+    cpu = _run(a, "cpu", prompt)
+    assert cpu[0].cached_tokens_by_tier == {"cpu": full}
+    a.shutdown()  # graceful: flushes pool and CPU tier to disk
+
+    b = _engine(models[arch], tmp_path)  # a restart: empty pool and CPU tier, same disk
+    disk = _run(b, "disk", prompt)
+    assert disk[0].cached_tokens_by_tier == {"disk": full}
+    b.shutdown()
+    for outs in (gpu, cpu, disk):
+        assert _tokens(outs) == _tokens(cold)
+
+
+def test_pool_eviction_demotes_to_cpu_and_cpu_eviction_to_disk(models: dict[str, Path], tmp_path: Path) -> None:
+    # A pool of 16 blocks: every new prompt of 6 blocks evicts older ones.
+    engine = _engine(models["llama"], tmp_path, num_kv_blocks=16, cpu_cache_bytes=6 * 8192)
+    prompts = [_prompt(10 + i, 97) for i in range(8)]
+    cold = [_tokens(_run(engine, f"c{i}", p)) for i, p in enumerate(prompts)]
+    assert engine.pool.evictions > 0
+    engine.store.tiers[1].flush()  # type: ignore[attr-defined]  # disk writes are queued
+    # Newest first: the newest prompt is still in the pool, the next ones in the CPU tier, the oldest on disk.
+    warm = [_run(engine, f"w{i}", p) for i, p in reversed(list(enumerate(prompts)))]
+    tiers = set()
+    for w, c in zip(warm, reversed(cold), strict=True):
+        assert _tokens(w) == c
+        assert w[0].cached_tokens == 96
+        tiers |= set(w[0].cached_tokens_by_tier)
+    assert {"cpu", "disk"} <= tiers
+    stats = engine.stats()["tiers"]
+    for name in ("gpu", "cpu", "disk"):
+        assert stats[name]["used_bytes"] <= stats[name]["capacity_bytes"], name
+    engine.shutdown()
+
+
+def test_capacity_bounds_hold_under_a_stream_of_distinct_prefixes(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(
+        models["qwen2"], tmp_path, num_kv_blocks=24, cpu_cache_bytes=10 * 8192, disk_cache_bytes=1 << 20,
+        cache_policy="write_through",
+    )  # fmt: skip
+    for i in range(40):
+        _run(engine, f"s{i}", _prompt(100 + i, 120), n=4)
+        stats = engine.stats()["tiers"]
+        for name in ("gpu", "cpu", "disk"):
+            assert stats[name]["used_bytes"] <= stats[name]["capacity_bytes"], (i, name, stats[name])
+    engine.store.tiers[1].flush()  # type: ignore[attr-defined]
+    stats = engine.stats()["tiers"]
+    assert stats["disk"]["evictions"] > 0 and stats["cpu"]["evictions"] > 0
+    assert stats["disk"]["used_bytes"] <= stats["disk"]["capacity_bytes"]
+    engine.shutdown()
+
+
+def test_forged_hash_collision_is_refused_by_verification(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path, cpu_cache_bytes=0, disk_cache_enabled=False)
+    reference = _engine(models["llama"], tmp_path / "ref", cpu_cache_bytes=0, disk_cache_enabled=False)
+    # Every block of every prompt gets the same hash chain: only the parent/token check can tell.
+    forged = [bytes([i]) * 16 for i in range(64)]
+    engine.hasher.hash_blocks = lambda ids, salt="", parent=None: forged[: len(ids) // 16]  # type: ignore[method-assign]
+    engine.hasher.next_hash = lambda parent, toks: forged[forged.index(parent) + 1]  # type: ignore[method-assign]
+    first, second = _prompt(20, 70), _prompt(21, 70)
+    _run(engine, "first", first)
+    victim = _run(engine, "second", second)
+    assert victim[0].cached_tokens == 0
+    assert _tokens(victim) == _tokens(_run(reference, "second", second))
+
+
+def test_tenants_share_nothing_unless_scope_is_global(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path, cpu_cache_bytes=0, disk_cache_enabled=False)
+    prompt = _prompt(30, 80)
+    _run(engine, "a", prompt, salt="tenant-a")
+    assert _run(engine, "b", prompt, salt="tenant-b")[0].cached_tokens == 0
+    assert _run(engine, "a2", prompt, salt="tenant-a")[0].cached_tokens == 64
+    assert _run(engine, "g", prompt, salt="")[0].cached_tokens == 0
+    assert _run(engine, "g2", prompt, salt="")[0].cached_tokens == 64
+
+
+def test_cost_model_measures_every_tier(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path, cost_model=True)
+    cm = engine.cost_model
+    assert cm.prefill_tokens_per_s > 0
+    assert set(cm.load_s_per_block) == {"cpu", "disk"}
+    assert all(0 < t < 1 for t in cm.load_s_per_block.values())
+    assert engine.store.worth_loading == cm.worth_loading()
+    # The probes leave nothing behind.
+    assert engine.stats()["tiers"]["disk"]["entries"] == 0
+    engine.shutdown()
