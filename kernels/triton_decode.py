@@ -10,18 +10,21 @@ Callers validate arguments first (`kernels.triton_ops`); these launchers trust w
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-# Past this many splits the merge costs more than the extra parallelism brings.
-MAX_SPLITS = 128
+# The split plan's constants come from a sweep on an H200 (BENCHMARKS.md, "## Kernels"): with 4
+# programs per SM a batch of 8 ran ~2.2 waves and lost a quarter of its time to the last one; 8 per
+# SM fixed that; past 64 splits a batch of 1 at 32k got slower (shorter splits, more merge input).
+MAX_SPLITS = 64
 # A split below this many tiles spends more on its prologue and merge entry than on the KV it reads.
 MIN_TILES_PER_SPLIT = 2
 # Programs wanted per multiprocessor so that enough loads are in flight to saturate HBM.
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
 # The interpreter has no multiprocessors; a small stand-in keeps the split plan meaningful on CPU.
 INTERPRETER_SMS = 4
 
@@ -32,6 +35,7 @@ class DecodeTiling(NamedTuple):
     block_n: int  # context tokens per loop iteration
     num_warps: int
     num_stages: int
+    prefetch_pages: bool = True  # load the next tile's block ids one iteration ahead
 
 
 class DecodeSplitPlan(NamedTuple):
@@ -50,7 +54,12 @@ def decode_tiling_for(device: torch.device, head_dim: int) -> DecodeTiling:
 def multiprocessor_count(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def plan_decode_splits(
@@ -91,6 +100,7 @@ def _paged_decode_split_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    PREFETCH_PAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -116,10 +126,18 @@ def _paged_decode_split_kernel(
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_btb
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
+    offsets = tl.arange(0, BLOCK_N)
+    if PREFETCH_PAGES:  # the K/V addresses then depend on a value loaded an iteration earlier
+        next_pages = tl.load(bt_row + ((start + offsets) // PAGE_SIZE) * stride_btn, mask=start + offsets < end, other=0)
     for tile_start in range(start, end, BLOCK_N):
-        tokens = tile_start + tl.arange(0, BLOCK_N)
+        tokens = tile_start + offsets
         token_ok = tokens < end
-        pages = tl.load(bt_row + (tokens // PAGE_SIZE) * stride_btn, mask=token_ok, other=0).to(tl.int64)
+        if PREFETCH_PAGES:
+            pages = next_pages.to(tl.int64)
+            ahead = tokens + BLOCK_N
+            next_pages = tl.load(bt_row + (ahead // PAGE_SIZE) * stride_btn, mask=ahead < end, other=0)
+        else:
+            pages = tl.load(bt_row + (tokens // PAGE_SIZE) * stride_btn, mask=token_ok, other=0).to(tl.int64)
         slots = tokens % PAGE_SIZE
         k = tl.load(
             k_head + (pages * stride_kb + slots * stride_kt)[:, None] + dims[None, :],
@@ -238,6 +256,7 @@ def launch_paged_decode(
         PAGE_SIZE=page_size,
         BLOCK_N=tiling.block_n,
         SINGLE_SPLIT=single,
+        PREFETCH_PAGES=tiling.prefetch_pages,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,

@@ -232,17 +232,18 @@ def sweep() -> list[str]:
     """Times candidate tilings and split densities; the defaults should be at or near the best."""
     lines = ["", "### Sweep (µs, graph replay for decode; ms for prefill)", ""]
     decode_tilings = [
-        DecodeTiling(32, 4, 3), DecodeTiling(64, 4, 2), DecodeTiling(64, 4, 3), DecodeTiling(64, 4, 4),
-        DecodeTiling(64, 8, 3), DecodeTiling(128, 4, 3), DecodeTiling(128, 8, 3),
+        DecodeTiling(64, 4, 3, True), DecodeTiling(64, 4, 3, False), DecodeTiling(64, 4, 2, True),
+        DecodeTiling(32, 4, 3, True), DecodeTiling(128, 4, 3, True), DecodeTiling(64, 8, 3, True),
+        DecodeTiling(64, 2, 3, True),
     ]
     for batch, context in ((1, 8192), (1, 32768), (8, 8192), (8, 32768), (64, 8192)):
         p = DecodeProblem(batch, context)
         cells = []
         for tiling in decode_tilings:
-            for pps in (2, 4, 8):
+            for pps in (4, 8, 16):
                 try:
                     us = graph_ms(p.run_with(tiling, pps)) * 1e3
-                    cells.append((us, f"bn{tiling.block_n}/w{tiling.num_warps}/s{tiling.num_stages}/pps{pps}"))
+                    cells.append((us, "bn{}/w{}/s{}/prefetch{:d}/pps{}".format(*tiling, pps)))
                 except Exception as exc:  # a tiling past the chip's resources: report, go on
                     cells.append((float("inf"), f"{tiling} pps{pps} failed: {type(exc).__name__}"))
         cells.sort()
@@ -253,9 +254,8 @@ def sweep() -> list[str]:
         del p
         torch.cuda.empty_cache()
     prefill_tilings = [
-        PrefillTiling(128, 64, 8, 3), PrefillTiling(128, 64, 4, 3), PrefillTiling(128, 128, 8, 3),
-        PrefillTiling(128, 32, 4, 3), PrefillTiling(64, 64, 4, 3), PrefillTiling(64, 32, 4, 4),
-        PrefillTiling(128, 64, 8, 4), PrefillTiling(128, 128, 8, 2), PrefillTiling(64, 128, 4, 3),
+        PrefillTiling(128, 128, 8, 3), PrefillTiling(128, 64, 8, 3), PrefillTiling(128, 128, 8, 2),
+        PrefillTiling(128, 128, 4, 3), PrefillTiling(64, 128, 4, 3), PrefillTiling(128, 128, 8, 4),
     ]
     for cached in (8192, 32768):
         p = PrefillProblem(cached)

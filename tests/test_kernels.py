@@ -37,6 +37,7 @@ class DecodeCase:
     block_size: int
     context_lens: tuple[int, ...]
     num_splits: int | None = None  # None: the op chooses from the context length and batch
+    prefetch_pages: bool = True  # False: launch directly with the tiling that loads block ids in-iteration
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ DECODE_CASES = [
     DecodeCase("gqa8-d64-bs32-fp16-zero-context", torch.float16, 16, 2, 64, 32, (150, 0, 47)),
     DecodeCase("gqa4-d128-bs16-fp32-three-splits", torch.float32, 4, 1, 128, 16, (96, 5), num_splits=3),
     DecodeCase("gqa4-d64-bs16-fp16-one-split", torch.float16, 8, 2, 64, 16, (70, 9), num_splits=1),
+    DecodeCase("gqa4-d64-bs16-fp16-no-prefetch", torch.float16, 8, 2, 64, 16, (70, 19, 33), prefetch_pages=False),
 ]
 PREFILL_CASES = [
     PrefillCase("gqa4-d64-bs16-fp16-mixed", torch.float16, 8, 2, 64, 16, (20, 5, 37), (0, 33, 50)),
@@ -93,6 +95,7 @@ def decode_inputs(case: DecodeCase, gen: torch.Generator) -> dict[str, Any]:
         "context_lens": torch.tensor(case.context_lens, dtype=torch.int32),
         "scale": case.head_dim**-0.5,
         "num_splits": case.num_splits,
+        "prefetch_pages": case.prefetch_pages,
     }
 
 
@@ -145,7 +148,9 @@ def run_op(ops: Any, op: str, inputs: dict[str, Any], poison: bool) -> dict[str,
         pool = inputs["pool"]
         k_cache, v_cache = pool[:, LAYER, 0], pool[:, LAYER, 1]
         out = torch.full_like(inputs["q"], float("nan")) if poison else None
-        if op == "paged_decode":
+        if op == "paged_decode" and not inputs["prefetch_pages"] and ops is not reference:
+            result = _launch_decode_without_prefetch(inputs, k_cache, v_cache, out)
+        elif op == "paged_decode":
             extra = {"num_splits": inputs["num_splits"]} if ops is not reference else {}
             result = ops.paged_decode(
                 inputs["q"], k_cache, v_cache, inputs["block_table"], inputs["context_lens"], inputs["scale"],
@@ -167,6 +172,20 @@ def run_op(ops: Any, op: str, inputs: dict[str, Any], poison: bool) -> dict[str,
         ops.copy_blocks(inputs["src"], dst, inputs["src_ids"], inputs["dst_ids"])
         return {"dst": dst}
     raise ValueError(op)
+
+
+def _launch_decode_without_prefetch(inputs: dict[str, Any], k_cache, v_cache, out) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    from kernels import triton_decode
+
+    tiling = triton_decode.decode_tiling_for(out.device, out.shape[2])._replace(prefetch_pages=False)
+    capacity = inputs["block_table"].shape[1] * k_cache.shape[1]
+    plan = triton_decode.plan_decode_splits(
+        out.shape[0], k_cache.shape[2], capacity, triton_decode.INTERPRETER_SMS, tiling.block_n
+    )
+    assert plan.num_splits > 1
+    return triton_decode.launch_paged_decode(
+        inputs["q"], k_cache, v_cache, inputs["block_table"], inputs["context_lens"], inputs["scale"], out, tiling, plan
+    )
 
 
 def _child_main(cases_path: str, results_path: str) -> None:
