@@ -25,7 +25,8 @@ ALICE_KEY = "sk-test-alice"
 BOB_KEY = "sk-test-bob"
 ADMIN_KEY = "sk-test-admin"
 SERVED_MODEL = "tiny-test"
-MAX_MODEL_LEN = 512
+# Long enough that an unaborted long request would run for seconds (see the disconnect tests).
+MAX_MODEL_LEN = 2048
 MAX_BODY_BYTES = 64 << 10
 
 
@@ -89,6 +90,16 @@ class ServerProcess:
         reply = self.request("GET", "/admin/stats", key=ADMIN_KEY)
         assert reply.status == 200, reply.body
         return reply.json()
+
+    def wait_until_idle(self, timeout: float = 30.0) -> float:
+        """Seconds until the engine runs and holds no request. Engine stats are a snapshot the engine
+        thread publishes every few tens of milliseconds, so they are polled, not read once."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.admin_stats()["engine"]["requests"] == {"running": 0, "waiting": 0}:
+                return time.monotonic() - start
+            time.sleep(0.02)
+        raise AssertionError(f"engine still busy after {timeout}s")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -43,7 +43,7 @@ def test_flags_override_the_environment_and_the_rest_comes_from_it(monkeypatch: 
         "serve", "--model", "org/model", "--port", "9002", "--host", "0.0.0.0", "--data-dir", str(tmp_path),
         "--device", "cpu", "--api-key", "k1=team-a", "--api-key", "k2=team-b", "--no-cuda-graphs",
         "--cache-scope", "global", "--gpu-memory-utilization", "0.5", "--max-model-len", "1024",
-        "--router-backends", "http://127.0.0.1:1", "--router-backends", "http://127.0.0.1:2",
+        "--backend", "http://127.0.0.1:1", "--backend", "http://127.0.0.1:2",
     ])
     s = settings_from_args(args)
     assert (s.model, s.port, s.host, s.data_dir, s.device) == ("org/model", 9002, "0.0.0.0", tmp_path, "cpu")

@@ -51,19 +51,18 @@ async def test_64_concurrent_streaming_clients_get_the_same_answers_as_alone(ser
         together = await asyncio.gather(*(stream_one(i % DISTINCT_PROMPTS) for i in range(CLIENTS)))
     for i, got in enumerate(together):
         assert got == alone[i % DISTINCT_PROMPTS], f"client {i}"
-    stats = server.admin_stats()["engine"]["requests"]
-    assert stats == {"running": 0, "waiting": 0}
+    assert server.wait_until_idle(timeout=5) < 5
 
 
 async def _wait_until_idle(server: ServerProcess, timeout: float) -> float:
-    """Seconds until the engine runs and holds no request (polling /admin/stats)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        reqs = (await asyncio.to_thread(server.admin_stats))["engine"]["requests"]
-        if reqs["running"] == 0 and reqs["waiting"] == 0:
-            return time.monotonic() - start
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"engine still busy after {timeout}s")
+    return await asyncio.to_thread(server.wait_until_idle, timeout)
+
+
+async def _wait_until_running(server: ServerProcess, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (await asyncio.to_thread(server.admin_stats))["engine"]["requests"]["running"] == 0:
+        assert time.monotonic() < deadline, "the request never showed as running"
+        await asyncio.sleep(0.01)
 
 
 def _long_request(stream: bool) -> dict[str, Any]:
@@ -99,8 +98,7 @@ async def test_a_streaming_client_that_disconnects_frees_its_request(server: Ser
                 if tokens == 8:
                     break
         per_token = (time.monotonic() - first_at) / 7
-        running = (await asyncio.to_thread(server.admin_stats))["engine"]["requests"]["running"]
-        assert running == 1
+        await _wait_until_running(server)
         resp.close()  # the client goes away mid-stream
     freed_after = await _wait_until_idle(server, 30)
     remaining = (body["max_tokens"] - tokens) * per_token
@@ -129,10 +127,7 @@ async def test_a_waiting_non_streaming_client_that_disconnects_frees_its_request
     sock = socket.create_connection(("127.0.0.1", server.port))
     try:
         sock.sendall(head + payload)
-        deadline = time.monotonic() + 30
-        while (await asyncio.to_thread(server.admin_stats))["engine"]["requests"]["running"] == 0:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await _wait_until_running(server)
     finally:
         sock.close()  # gone before any answer
     freed_after = await _wait_until_idle(server, 30)

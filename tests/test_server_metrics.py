@@ -56,6 +56,7 @@ def test_metrics_expose_every_family_and_ttft_is_split_by_cache_outcome(
     salt = uuid.uuid4().hex
     ask(client, salt)  # a miss
     ask(client, salt)  # the same prompt again: a hit
+    server.wait_until_idle()
     after = scrape(server)
     assert sample(after, ttft, ttft + "_count", cache="miss") == miss0 + 1
     assert sample(after, ttft, ttft + "_count", cache="hit") == hit0 + 1
