@@ -166,13 +166,13 @@ class TieredStore:
                 continue
             entry = BlockEntry(ident.hash, ident.parent, ident.token_ids, self.pool.kv[block].to("cpu", copy=True))
             for tier in missing:
-                n += bool(tier.put(entry))
+                n += _put_reliably(tier, entry)
         for src in volatile:
             for block_hash in getattr(src, "hashes", list)():
                 missing = [t for t in durable if not t.contains(block_hash)]
                 entry = src.get(block_hash) if missing else None
                 for tier in missing if entry is not None else []:
-                    n += bool(tier.put(entry))
+                    n += _put_reliably(tier, entry)
         for tier in durable:
             tier.flush()
         return n
@@ -212,6 +212,18 @@ class TieredStore:
             "tiers": tiers,
             "transfers": [{"src": s, "dst": d, "bytes": b} for (s, d), b in sorted(c.transfers.items())],
         }
+
+
+def _put_reliably(tier: KVTier, entry: BlockEntry) -> bool:
+    """Queued (batched commits) when the queue has room, else after draining it, else synchronous."""
+    put_async = getattr(tier, "put_async", None)
+    if put_async is not None:
+        if put_async(entry):
+            return True
+        tier.flush()  # type: ignore[attr-defined]
+        if put_async(entry):
+            return True
+    return tier.put(entry)
 
 
 def build_lower_tiers(

@@ -63,9 +63,10 @@ def load_weights(model: CausalLM, path: Path) -> None:
 
 def init_random_weights(model: CausalLM, seed: int = 0, std: float = 0.02) -> None:
     """For benchmarks of a model's shape without its weights (nothing to download)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
         else:
-            p.data.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+            p.data.normal_(0.0, std, generator=g)

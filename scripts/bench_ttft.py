@@ -1,0 +1,271 @@
+"""TTFT by cache tier on a Llama-3-8B-shaped model (random bf16 weights, nothing downloaded).
+
+One device call: 64 new tokens after a shared prefix of 2k/8k/32k tokens, cold and with the prefix
+in the GPU pool, the CPU tier and the disk tier, next to Hugging Face transformers (full prefill,
+and its own prefix reuse with DynamicCache) on the same weights; then decode tokens/s at batch 1
+and 32 after 8k of context against the weight-read floor. Prints a markdown table and writes JSON
+to $OUT/bench_ttft.json when OUT is set.
+
+    python scripts/bench_ttft.py [--lengths 2048 8192 32768] [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cacheproxy.config import Settings
+from cacheproxy.engine.engine import LLMEngine
+from cacheproxy.engine.model_config import ModelConfig
+from cacheproxy.engine.request import GenerationRequest, SamplingParams
+from cacheproxy.engine.tiny_model import make_tiny_model
+from cacheproxy.engine.tokenizer import Tokenizer
+from cacheproxy.engine.weights import build_model, init_random_weights
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "torch_dtype": "bfloat16", "bos_token_id": 0, "eos_token_id": 1,
+}  # fmt: skip
+NEW_TOKENS = 64
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def copy_bandwidth() -> float:
+    """Measured HBM copy rate, bytes moved (read + write) per second."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    del a, b
+    return 2 * (2 << 30) / best
+
+
+def h2d_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        dst.copy_(src, non_blocking=True)
+    sync()
+    return 3 * (1 << 30) / (time.perf_counter() - t0)
+
+
+def make_engine(workdir: Path, cfg_dir: Path, tok_dir: Path, **kw: object) -> LLMEngine:
+    opts: dict[str, object] = {
+        "model": str(cfg_dir), "data_dir": workdir, "device": "cuda", "dtype": "bfloat16",
+        "max_num_batched_tokens": 16384, "max_num_seqs": 32, "kv_cache_bytes": 40 << 30,
+        "cpu_cache_bytes": 12 << 30, "disk_cache_bytes": 24 << 30, "max_model_len": 40960,
+    }  # fmt: skip
+    opts.update(kw)
+    settings = Settings(**opts)
+    cfg = ModelConfig.from_path(cfg_dir)
+    model = build_model(cfg, torch.device("cuda"), torch.bfloat16)
+    init_random_weights(model, seed=0)
+    return LLMEngine(settings, model, Tokenizer(tok_dir), cfg_dir, torch.device("cuda"))
+
+
+def ttft(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[float, dict[str, int]]:
+    sync()
+    t0 = time.perf_counter()
+    engine.add_request(GenerationRequest(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+    outs = []
+    while not outs:
+        outs = engine.step()
+    elapsed = time.perf_counter() - t0  # the token is on the host: the GPU work is done
+    while engine.has_work():
+        engine.step()
+    return elapsed, outs[0].cached_tokens_by_tier
+
+
+def rand_ids(g: torch.Generator, n: int) -> list[int]:
+    # ids the tiny tokenizer can decode (the bench measures the model, not the vocabulary)
+    return torch.randint(5, 2000, (n,), generator=g).tolist()
+
+
+def drop_to_disk_only(engine: LLMEngine) -> None:
+    store = engine.store
+    store.flush()  # pool + CPU tier -> disk, committed
+    cpu = store.tiers[0]
+    for h in cpu.hashes():  # type: ignore[attr-defined]
+        cpu.remove(h)
+    engine.pool.evict(None)
+    with contextlib.suppress(OSError):  # a cold read, not the page cache, when the machine lets us
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def bench_tiers(engine: LLMEngine, lengths: list[int]) -> list[dict[str, object]]:
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    ttft(engine, "warm-up", rand_ids(g, 4096))
+    for n in lengths:
+        ttft(engine, f"compile-{n}", rand_ids(g, n + NEW_TOKENS))  # same shapes, other tokens
+        prefix = rand_ids(g, n)
+        row: dict[str, object] = {"prefix": n}
+        row["cold"], _ = ttft(engine, f"cold-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        row["gpu"], row["gpu_tiers"] = ttft(engine, f"gpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        engine.store.evict_gpu()
+        engine.store.load_stream.synchronize()  # type: ignore[union-attr]
+        row["cpu"], row["cpu_tiers"] = ttft(engine, f"cpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        drop_to_disk_only(engine)
+        row["disk"], row["disk_tiers"] = ttft(engine, f"disk-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        saved = dict(engine.store.worth_loading)
+        engine.store.worth_loading = {k: True for k in saved}
+        drop_to_disk_only(engine)
+        row["disk_forced"], row["disk_forced_tiers"] = ttft(engine, f"diskf-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        engine.store.worth_loading = saved
+        engine.pool.evict(None)
+        row["kv_bytes"] = n // engine.block_size * engine.pool.block_bytes
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_decode(engine: LLMEngine, batch: int, context: int, steps: int = 48) -> dict[str, float]:
+    g = torch.Generator().manual_seed(2)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(GenerationRequest(f"d{batch}-{i}", rand_ids(g, context), params))
+    while any(s.num_tokens - s.num_computed > 1 or not s.output_ids for s in engine.scheduler.running) or (
+        engine.scheduler.waiting
+    ):
+        engine.step()
+    engine.step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    dt_step = (time.perf_counter() - t0) / steps
+    while engine.has_work():
+        engine.step()
+    engine.pool.evict(None)
+    return {"batch": batch, "context": context, "step_s": dt_step, "tokens_per_s": batch / dt_step}
+
+
+def bench_hf(model: torch.nn.Module, cfg: dict, lengths: list[int]) -> list[dict[str, object]]:
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    with torch.device("cuda"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+
+    def timed(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    with torch.no_grad():
+        for n in lengths:
+            full = torch.tensor([rand_ids(g, n + NEW_TOKENS)], device="cuda")
+            t_full = timed(lambda full=full: hf(full, logits_to_keep=1).logits.argmax(-1).item())
+            cache = transformers.DynamicCache()
+            hf(full[:, :n], past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+            def reuse(full=full, cache=cache, n=n) -> None:  # type: ignore[no-untyped-def]
+                hf(full[:, n:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1).item()
+                cache.crop(n)
+
+            t_reuse = timed(reuse)
+            rows.append({"prefix": n, "hf_full": t_full, "hf_reuse": t_reuse})
+            print(json.dumps(rows[-1]), flush=True)
+            del cache
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-decode", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-ttft-"))
+    cfg_dir = work / "llama3-8b-shape"
+    cfg_dir.mkdir()
+    (cfg_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    tok_dir = make_tiny_model(work / "tok", "llama")
+    card = torch.cuda.get_device_name()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    copy_bw, h2d_bw = copy_bandwidth(), h2d_bandwidth()
+    print(f"card={card} copy={copy_bw / 1e12:.2f} TB/s pinned H2D={h2d_bw / 1e9:.1f} GB/s", flush=True)
+    engine = make_engine(work / "data", cfg_dir, tok_dir)
+    print("cost model:", json.dumps(engine.cost_model.as_dict()), flush=True)
+    rows = bench_tiers(engine, args.lengths)
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    decode = []
+    if not args.skip_decode:
+        for b in (1, 32):
+            d = bench_decode(engine, b, 8192)
+            kv_read = b * 8192 * engine.config.kv_bytes_per_token(2)
+            d["floor_s"] = (weight_bytes + kv_read) / (copy_bw / 2)
+            d["fraction_of_floor"] = d["floor_s"] / d["step_s"]
+            decode.append(d)
+            print(json.dumps(d), flush=True)
+    model = engine.model
+    for layer in model.model.layers:  # release the pool's views so its memory goes back
+        layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
+    engine.store.close()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    hf_rows = [] if args.skip_hf else bench_hf(model, LLAMA3_8B, args.lengths)
+
+    ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
+    print(f"\n### TTFT, 64 new tokens after a shared prefix — {card}, {dt.date.today()}, commit {commit}\n")
+    print("| prefix | cold | GPU hit | CPU hit | (PCIe time of its bytes) | disk hit (cost model) | disk forced | HF full prefill | HF DynamicCache reuse |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        h = next((x for x in hf_rows if x["prefix"] == r["prefix"]), {})
+        pcie = r["kv_bytes"] / h2d_bw  # type: ignore[operator]
+        print(f"| {r['prefix']} | {ms(r['cold'])} ms | {ms(r['gpu'])} ms | {ms(r['cpu'])} ms | {ms(pcie)} ms | "
+              f"{ms(r['disk'])} ms {r['disk_tiers'] or '(recomputed)'} | {ms(r['disk_forced'])} ms | "
+              f"{ms(h['hf_full']) if h else '-'} ms | {ms(h['hf_reuse']) if h else '-'} ms |")  # fmt: skip
+    if decode:
+        print("\n| decode after 8k | step | tokens/s | weight+KV read floor | fraction of floor |\n|---|---|---|---|---|")
+        for d in decode:
+            print(f"| batch {d['batch']} | {ms(d['step_s'])} ms | {d['tokens_per_s']:.0f} | {ms(d['floor_s'])} ms | "
+                  f"{100 * d['fraction_of_floor']:.0f}% |")  # fmt: skip
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "bench_ttft.json").write_text(json.dumps(
+            {"card": card, "commit": commit, "copy_bw": copy_bw, "h2d_bw": h2d_bw, "tiers": rows,
+             "decode": decode, "hf": hf_rows}, indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
