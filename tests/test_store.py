@@ -150,3 +150,39 @@ def test_cost_model_measures_every_tier(models: dict[str, Path], tmp_path: Path)
     # The probes leave nothing behind.
     assert engine.stats()["tiers"]["disk"]["entries"] == 0
     engine.shutdown()
+
+
+def test_operators_list_pin_and_evict_prefixes(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path, num_kv_blocks=24, cpu_cache_bytes=0, disk_cache_enabled=False)
+    kept, other = _prompt(40, 97), _prompt(41, 97)
+    _run(engine, "kept", kept, n=4)
+    _run(engine, "kept-again", kept, n=4)
+    entries = engine.cache_entries()
+    assert len(entries) == 1
+    e = entries[0]
+    assert e["tokens"] == 96 and e["hits"] == 1 and e["pinned_until"] is None and not e["in_use"]
+    assert engine.pin_prefix(str(e["hash"]), ttl_s=60) == 6
+    for i in range(6):  # unpinned traffic that needs the whole rest of the pool, again and again
+        _run(engine, f"o{i}", _prompt(50 + i, 97), n=4)
+    assert _run(engine, "kept-3", kept, n=4)[0].cached_tokens == 96  # the pin held
+    assert engine.unpin_prefix(str(e["hash"])) == 6
+    _run(engine, "other", other, n=4)
+    removed = engine.evict_prefix(None)
+    assert removed["gpu"] > 0 and engine.cache_entries() == []
+    assert _run(engine, "kept-4", kept, n=4)[0].cached_tokens == 0
+    with pytest.raises(Exception, match="32 hex digits"):
+        engine.pin_prefix("zz", 10)
+
+
+def test_pins_expire(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path, cpu_cache_bytes=0, disk_cache_enabled=False)
+    _run(engine, "a", _prompt(60, 40), n=2)
+    h = str(engine.cache_entries()[0]["hash"])
+    engine.pin_prefix(h, ttl_s=0.01)
+    assert engine.cache_entries()[0]["pinned_until"] is not None
+    import time
+
+    time.sleep(0.02)
+    _run(engine, "b", _prompt(61, 20), n=2)  # a step expires the pin
+    assert all(x["pinned_until"] is None for x in engine.cache_entries())
+    assert engine.pool.num_free == engine.pool.num_blocks

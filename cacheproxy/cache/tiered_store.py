@@ -8,6 +8,7 @@ Not thread-safe: only the engine thread calls it (the lower tiers lock themselve
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -55,6 +56,8 @@ class TieredStore:
         # Per tier: does loading a block beat recomputing it (the cost model's verdict)?
         self.worth_loading = worth_loading or {}
         self.counters = StoreCounters()
+        self.pins: dict[bytes, float] = {}  # leaf hash -> pinned until (unix time)
+        self._pinned_blocks: dict[bytes, list[int]] = {}
         self.load_stream = torch.cuda.Stream(pool.kv.device) if pool.kv.is_cuda else None
         self._loads_pending = False
         pool.on_evict = self._demote
@@ -70,6 +73,8 @@ class TieredStore:
             block = self.pool.lookup(h, parent, toks)
             if block is not None:
                 self.pool.acquire(block)
+                self.pool.hits[block] += 1
+                self.pool.last_use[block] = time.time()
                 by_tier[GPU] += bs
             else:
                 if self.pool.num_free == 0 or not any(t.contains(h) for t in self._eligible()):
@@ -83,7 +88,7 @@ class TieredStore:
                     break
                 entry, tier_name = found
                 self._copy_in(block, entry, tier_name)
-                self.pool.register(block, BlockIdentity(h, parent, toks))
+                self.pool.register(block, BlockIdentity(h, parent, toks, i))
                 by_tier[tier_name] += bs
             blocks.append(block)
             parent = h
@@ -127,7 +132,7 @@ class TieredStore:
         if self.policy == "write_back":
             self._write_down(block, ident)
 
-    def _write_down(self, block: int, ident: BlockIdentity) -> None:
+    def _write_down(self, block: int, ident: BlockIdentity, everywhere: bool = False) -> None:
         """write_back: into the first lower tier (the CPU tier demotes onwards when it evicts);
         write_through: into every lower tier. Disk and remote writes are queued, never awaited."""
         if not self.tiers:
@@ -140,7 +145,7 @@ class TieredStore:
             put = getattr(tier, "put_async", tier.put)
             if put(entry):
                 self.counters.transfers[(GPU, tier.name)] += self.pool.block_bytes
-            if self.policy == "write_back":
+            if self.policy == "write_back" and not everywhere:
                 break
 
     def evict_gpu(self) -> int:
@@ -182,6 +187,91 @@ class TieredStore:
             close = getattr(tier, "close", None)
             if close is not None:
                 close()
+
+    # --- operator controls (admin API) ---------------------------------------------------
+    def _chain(self, leaf: bytes) -> list[int]:
+        """Pool blocks of the prefix ending at `leaf`, leaf first, as far as they are cached."""
+        blocks = []
+        h: bytes | None = leaf
+        while h is not None and h in self.pool.by_hash:
+            block = self.pool.by_hash[h]
+            blocks.append(block)
+            ident = self.pool.identity[block]
+            h = ident.parent if ident is not None else None
+        return blocks
+
+    def entries(self, limit: int = 100) -> list[dict[str, object]]:
+        """Cached prefixes in the pool (one per chain end), most recently used first."""
+        idents = [i for i in self.pool.identity if i is not None]
+        parents = {i.parent for i in idents}
+        out = []
+        for ident in idents:
+            if ident.hash in parents:
+                continue
+            chain = self._chain(ident.hash)
+            block = chain[0]
+            out.append({
+                "hash": ident.hash.hex(),
+                "tokens": (ident.index + 1) * self.block_size,
+                "cached_blocks": len(chain),
+                "tier": GPU,
+                "hits": max(self.pool.hits[b] for b in chain),
+                "last_use": max(self.pool.last_use[b] for b in chain),
+                "pinned_until": self.pins.get(ident.hash),
+                "in_use": self.pool.ref_counts[block] > (1 if ident.hash in self.pins else 0),
+            })  # fmt: skip
+        out.sort(key=lambda e: e["last_use"], reverse=True)  # type: ignore[arg-type, return-value]
+        return out[:limit]
+
+    def pin(self, leaf: bytes, ttl_s: float) -> int:
+        """Keeps the prefix ending at `leaf` in the pool until the TTL passes (refreshes a pin).
+        Pinned blocks are also written to the durable tiers, so they survive a restart."""
+        chain = self._chain(leaf)
+        if not chain:
+            return 0
+        if leaf not in self.pins:
+            for block in chain:
+                self.pool.acquire(block)
+            self._pinned_blocks[leaf] = chain
+            for block in chain:
+                ident = self.pool.identity[block]
+                if ident is not None:
+                    self._write_down(block, ident, everywhere=True)
+        self.pins[leaf] = time.time() + ttl_s
+        return len(chain)
+
+    def unpin(self, leaf: bytes) -> int:
+        self.pins.pop(leaf, None)
+        chain = self._pinned_blocks.pop(leaf, [])
+        for block in chain:
+            self.pool.release(block)
+        return len(chain)
+
+    def expire_pins(self, now: float) -> None:
+        for leaf, until in list(self.pins.items()):
+            if until <= now:
+                self.unpin(leaf)
+
+    def evict(self, leaf: bytes | None = None) -> dict[str, int]:
+        """Drops one prefix (its chain's pool blocks not used by a request, and the leaf's
+        copies in the lower tiers) or, with None, everything unused from every tier."""
+        removed: Counter[str] = Counter()
+        if leaf is None:
+            for pinned in list(self.pins):
+                self.unpin(pinned)
+            removed[GPU] = self.pool.evict(None)
+            for tier in self.tiers:
+                for h in list(getattr(tier, "hashes", list)()):
+                    removed[tier.name] += bool(tier.remove(h))
+            return dict(removed)
+        self.unpin(leaf)
+        for block in self._chain(leaf):
+            ident = self.pool.identity[block]
+            if ident is not None:
+                removed[GPU] += self.pool.evict(ident.hash)
+        for tier in self.tiers:
+            removed[tier.name] += bool(tier.remove(leaf))
+        return dict(removed)
 
     # --- reporting ----------------------------------------------------------------------
     def stats(self) -> dict[str, object]:

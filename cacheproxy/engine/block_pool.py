@@ -8,6 +8,7 @@ Blocks referenced by a running sequence are never evicted.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class BlockIdentity:
     hash: bytes
     parent: bytes
     token_ids: tuple[int, ...]
+    index: int = -1  # position of the block in its chain: the prefix holds (index + 1) blocks
 
 
 # Called with (block id, identity) just before a cached block's content is overwritten.
@@ -40,6 +42,8 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(self.num_blocks))
         self.on_evict: EvictHook | None = None
         self.evictions = 0
+        self.hits = [0] * self.num_blocks
+        self.last_use = [0.0] * self.num_blocks
 
     @property
     def block_bytes(self) -> int:
@@ -94,6 +98,8 @@ class BlockPool:
             return False
         self.identity[block] = ident
         self.by_hash[ident.hash] = block
+        self.hits[block] = 0
+        self.last_use[block] = time.time()
         return True
 
     def touch(self, block: int) -> None:

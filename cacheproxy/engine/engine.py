@@ -238,6 +238,8 @@ class LLMEngine:
 
     # --- the step -----------------------------------------------------------------------
     def step(self) -> list[GenerationOutput]:
+        if self.store.pins:
+            self.store.expire_pins(time.time())
         step = self.scheduler.schedule()
         if not step.chunks:
             return []
@@ -270,7 +272,7 @@ class LLMEngine:
             toks = tuple(seq.token_ids(i * bs, (i + 1) * bs))
             if i >= len(seq.block_hashes):
                 seq.block_hashes.append(self.hasher.next_hash(parent, toks))
-            self.store.register(seq.block_table[i], BlockIdentity(seq.block_hashes[i], parent, toks))
+            self.store.register(seq.block_table[i], BlockIdentity(seq.block_hashes[i], parent, toks, i))
         seq.num_registered = max(seq.num_registered, full)
 
     def _logprob(self, token: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
@@ -350,6 +352,24 @@ class LLMEngine:
             for b in seq.block_table:
                 self.pool.release(b)
 
+    # --- operator controls: run on the engine thread (AsyncEngine.run_on_engine) ------------
+    def cache_entries(self, limit: int = 100) -> list[dict[str, object]]:
+        return self.store.entries(limit)
+
+    def pin_prefix(self, hash_hex: str, ttl_s: float) -> int:
+        if ttl_s <= 0:
+            raise EngineError("ttl must be positive", "invalid_value")
+        n = self.store.pin(_parse_hash(hash_hex), ttl_s)
+        if n == 0:
+            raise EngineError(f"no cached prefix {hash_hex} in the GPU tier", "not_found", 404)
+        return n
+
+    def unpin_prefix(self, hash_hex: str) -> int:
+        return self.store.unpin(_parse_hash(hash_hex))
+
+    def evict_prefix(self, hash_hex: str | None) -> dict[str, int]:
+        return self.store.evict(None if hash_hex is None else _parse_hash(hash_hex))
+
     # --- reporting and lifecycle ------------------------------------------------------------
     def stats(self) -> dict[str, object]:
         s = self.store.stats()
@@ -361,6 +381,16 @@ class LLMEngine:
         flushed = self.store.flush()
         self.store.close()
         log.info("engine stopped", flushed_blocks=flushed)
+
+
+def _parse_hash(hash_hex: str) -> bytes:
+    try:
+        h = bytes.fromhex(hash_hex)
+    except ValueError:
+        h = b""
+    if len(h) != 16:
+        raise EngineError(f"a prefix hash is 32 hex digits, got {hash_hex!r}", "invalid_value")
+    return h
 
 
 def generate_blocking(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
