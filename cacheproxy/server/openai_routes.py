@@ -214,6 +214,7 @@ class Choice:
     index: int
     prompt_index: int
     text_parts: list[str] = field(default_factory=list)
+    text_length: int = 0  # of text_parts together: the offset of the next delta
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
@@ -416,8 +417,9 @@ class GenerationRun:
             gap = (now - c.last_time) / len(out.token_ids)
             self.state.metrics.inter_token.observe(gap)
         c.last_time = now
-        offset = sum(len(p) for p in c.text_parts)
+        offset = c.text_length
         c.text_parts.append(out.text)
+        c.text_length += len(out.text)
         c.completion_tokens = max(c.completion_tokens + len(out.token_ids), out.completion_tokens)
         if self.logprobs and out.logprobs:
             c.logprobs.extend(out.logprobs)
