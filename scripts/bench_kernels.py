@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import triton_ops
 from kernels.triton_decode import (
+    DecodeSplitPlan,
     DecodeTiling,
     decode_tiling_for,
     launch_paged_decode,
@@ -116,6 +117,14 @@ class DecodeProblem:
             self.batch, NUM_KV_HEADS, self.context, multiprocessor_count(self.q.device), tiling.block_n,
             programs_per_sm,
         )
+        return lambda: launch_paged_decode(
+            self.q, self.k_cache, self.v_cache, self.block_table, self.context_lens, SCALE, self.out, tiling, plan
+        )
+
+    def run_split(self, tiling: DecodeTiling, num_splits: int) -> Callable[[], torch.Tensor]:
+        tiles = triton.cdiv(self.context, tiling.block_n)
+        per_split = triton.cdiv(tiles, num_splits)
+        plan = DecodeSplitPlan(triton.cdiv(tiles, per_split), per_split * tiling.block_n)
         return lambda: launch_paged_decode(
             self.q, self.k_cache, self.v_cache, self.block_table, self.context_lens, SCALE, self.out, tiling, plan
         )
@@ -232,15 +241,14 @@ def sweep() -> list[str]:
     """Times candidate tilings and split densities; the defaults should be at or near the best."""
     lines = ["", "### Sweep (µs, graph replay for decode; ms for prefill)", ""]
     decode_tilings = [
-        DecodeTiling(64, 4, 3, True), DecodeTiling(64, 4, 3, False), DecodeTiling(64, 4, 2, True),
-        DecodeTiling(32, 4, 3, True), DecodeTiling(128, 4, 3, True), DecodeTiling(64, 8, 3, True),
-        DecodeTiling(64, 2, 3, True),
+        DecodeTiling(64, 4, 2, True), DecodeTiling(64, 4, 3, True), DecodeTiling(64, 4, 3, False),
+        DecodeTiling(32, 4, 3, True),
     ]
     for batch, context in ((1, 8192), (1, 32768), (8, 8192), (8, 32768), (64, 8192)):
         p = DecodeProblem(batch, context)
         cells = []
         for tiling in decode_tilings:
-            for pps in (4, 8, 16):
+            for pps in (4, 8):
                 try:
                     us = graph_ms(p.run_with(tiling, pps)) * 1e3
                     cells.append((us, "bn{}/w{}/s{}/prefetch{:d}/pps{}".format(*tiling, pps)))
@@ -253,10 +261,15 @@ def sweep() -> list[str]:
         print(lines[-1], flush=True)
         del p
         torch.cuda.empty_cache()
-    prefill_tilings = [
-        PrefillTiling(128, 128, 8, 3), PrefillTiling(128, 64, 8, 3), PrefillTiling(128, 128, 8, 2),
-        PrefillTiling(128, 128, 4, 3), PrefillTiling(64, 128, 4, 3), PrefillTiling(128, 128, 8, 4),
-    ]
+    for batch, context in ((1, 8192), (1, 32768), (8, 32768)):
+        p = DecodeProblem(batch, context)
+        tiling = decode_tiling_for(p.q.device, HEAD_DIM)
+        cells = [f"{s}: {graph_ms(p.run_split(tiling, s)) * 1e3:.1f}" for s in (8, 16, 24, 32, 40, 48, 64, 96, 128)]
+        lines.append(f"decode b{batch} ctx{context} by forced split count (µs): " + ", ".join(cells))
+        print(lines[-1], flush=True)
+        del p
+        torch.cuda.empty_cache()
+    prefill_tilings = [PrefillTiling(128, 128, 8, 3), PrefillTiling(128, 128, 8, 2), PrefillTiling(128, 64, 8, 3)]
     for cached in (8192, 32768):
         p = PrefillProblem(cached)
         cells = []
