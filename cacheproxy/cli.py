@@ -36,7 +36,7 @@ class Subcommand(NamedTuple):
 # --- Settings as flags ---------------------------------------------------------------------------
 
 # Flags whose natural spelling differs from the field name.
-_FLAG_NAMES = {"api_keys": "--api-key"}
+_FLAG_NAMES = {"api_keys": "--api-key", "router_backends": "--backend"}
 
 
 def _flag(field_name: str) -> str:
@@ -110,9 +110,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
+# --- route --------------------------------------------------------------------------------------
+
+_ROUTE_SETTINGS = ("host", "port", "max_body_bytes", "log_level", "log_json",
+                   *(name for name in Settings.model_fields if name.startswith("router_")))
+
+
+def _route_arguments(parser: argparse.ArgumentParser) -> None:
+    add_settings_arguments(parser, only=_ROUTE_SETTINGS)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from cacheproxy.server.router import route
+
+    return asyncio.run(route(args.settings))
+
+
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("serve", "serve the OpenAI-compatible API (default model: the built-in tiny one)",
                _serve_arguments, cmd_serve),
+    Subcommand("route", "route requests to replicas by prompt prefix (--backend URL, repeated)",
+               _route_arguments, cmd_route),
 ]
 
 

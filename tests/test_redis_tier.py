@@ -363,3 +363,45 @@ def test_a_prefix_computed_on_replica_a_is_served_from_redis_on_replica_b(
         server.stop()
         a.shutdown()
         b.shutdown()
+
+
+def test_two_real_servers_share_prefixes_through_redis(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Over HTTP with the openai client: a conversation served by replica A is a cache hit on B."""
+    import openai
+    from conftest import start_server, stop_server, wait_until_healthy
+
+    server = start_redis(tmp_path / "redis")
+    flags = ["--model", str(tiny_model_dir), "--served-model-name", "tiny", "--redis-url", server.url,
+             "--cache-policy", "write_through", "--cpu-cache-bytes", "0", "--no-disk-cache-enabled",
+             "--no-cost-model", "--num-kv-blocks", "256"]  # fmt: skip
+    replicas = [start_server(flags, tmp_path / name, wait_ready=False) for name in ("a", "b")]
+    try:
+        for r in replicas:
+            wait_until_healthy(r, 120)
+        messages = [{"role": "system", "content": "You answer in one word. " * 8},
+                    {"role": "user", "content": "Name a colour that rhymes with bread, please, and only one."}]  # fmt: skip
+        answers = []
+        for r in replicas:
+            with openai.OpenAI(base_url=r.base_url + "/v1", api_key="sk-any", max_retries=0) as client:
+                answers.append(client.chat.completions.create(model="tiny", messages=messages,  # type: ignore[arg-type]
+                                                              max_tokens=8, temperature=0.0))  # fmt: skip
+            if len(answers) == 1:  # A's writes are queued off the request path: wait until Redis has them
+                full_blocks = answers[0].usage.prompt_tokens // BLOCK
+                raw = redis.Redis.from_url(server.url)
+                deadline = time.monotonic() + 10
+                while raw.dbsize() < full_blocks and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                raw.close()
+        on_a, on_b = answers
+        assert on_a.usage.prompt_tokens_details.cached_tokens == 0
+        details = on_b.usage.prompt_tokens_details
+        assert details.cached_tokens >= ((on_b.usage.prompt_tokens - 1) // BLOCK) * BLOCK > 0
+        assert (details.model_extra or {}).get("cached_tokens_by_tier", {}).get("remote") == details.cached_tokens
+        assert on_b.choices[0].message.content == on_a.choices[0].message.content
+        metrics = replicas[1].request("GET", "/metrics", key=None).body.decode()
+        assert 'cacheproxy_prefix_cache_hits_tokens_total{tier="remote"}' in metrics
+        assert 'cacheproxy_kv_tier_bytes{kind="used",tier="remote"}' in metrics
+    finally:
+        for r in replicas:
+            stop_server(r)
+        server.stop()
