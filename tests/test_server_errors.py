@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from conftest import ADMIN_KEY, MAX_BODY_BYTES, MAX_MODEL_LEN, SERVED_MODEL, HttpReply, ServerProcess
 
+from cacheproxy.cache.records import read_records
 from cacheproxy.config import Settings
 from cacheproxy.engine.async_engine import AsyncEngine
 from cacheproxy.server.app import create_app, launch_engine, make_runner, request_id_middleware
@@ -143,6 +144,14 @@ async def test_a_chunked_body_over_max_body_bytes_is_413(server: ServerProcess) 
         server.base_url + CHAT, data=body(), headers={"Authorization": "Bearer sk-test-alice"}
     ) as resp:
         assert_error(resp.status, await resp.json(), 413, "request_too_large")
+        request_id = resp.headers["X-Request-Id"]
+    # Recorded as what it was, not as a server error.
+    for _ in range(100):
+        found = [r for r in read_records(server.data_dir / "records.jsonl") if r.id == f"chatcmpl-{request_id}"]
+        if found:
+            break
+        await asyncio.sleep(0.02)
+    assert [(r.status, r.error) for r in found] == [(413, "request_too_large")]
 
 
 def test_failed_requests_leave_the_server_serving(server: ServerProcess, client: openai.OpenAI) -> None:

@@ -52,7 +52,10 @@ def require_ready(state: ServerState) -> None:
 async def read_json(request: web.Request, max_bytes: int) -> Any:
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large")
-    raw = await request.read()  # aiohttp raises 413 past client_max_size for chunked bodies too
+    try:
+        raw = await request.read()  # past client_max_size (chunked bodies too) aiohttp raises 413
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large") from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
