@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 want_dev=${1:-}
 stamp=.venv/.cacheproxy-setup${want_dev:+-dev}
+# The tests start a real redis-server (and redis-cli for a Redis Cluster) on 127.0.0.1. Checked before
+# the stamp, so a machine set up before this line (or one that lost the package) still gets it.
+if [ -n "$want_dev" ] && ! { command -v redis-server && command -v redis-cli; } >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  (export DEBIAN_FRONTEND=noninteractive; $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null) \
+    || echo "warning: could not install redis-server; the Redis tests will fail" >&2
+fi
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
@@ -16,10 +23,4 @@ fi
 extras=redis,report
 [ -n "$want_dev" ] && extras=dev,redis,report
 .venv/bin/python -m pip install -q -e ".[${extras}]"
-if [ -n "$want_dev" ] && ! command -v redis-server >/dev/null 2>&1; then
-  # The tests start a real redis-server on 127.0.0.1.
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  (export DEBIAN_FRONTEND=noninteractive; $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null) \
-    || echo "warning: could not install redis-server; the Redis tests will fail" >&2
-fi
 touch "$stamp"
