@@ -64,6 +64,21 @@ def copy_bandwidth() -> float:
     return 2 * (2 << 30) / best
 
 
+def read_bandwidth() -> float:
+    """Measured HBM read rate (a reduction reads and writes almost nothing), bytes per second."""
+    a = torch.ones(2 << 30, dtype=torch.bfloat16, device="cuda")
+    a.sum()
+    sync()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    del a
+    return 2 * (2 << 30) / best
+
+
 def h2d_bandwidth() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -103,6 +118,28 @@ def ttft(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[float, dict[st
     return elapsed, outs[0].cached_tokens_by_tier
 
 
+def ttft_phases(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[float, dict[str, int], dict[str, float]]:
+    """ttft() for a prompt that fits one step, with the host/device phases timed apart."""
+    sync()
+    t0 = time.perf_counter()
+    engine.add_request(GenerationRequest(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+    t1 = time.perf_counter()
+    step = engine.scheduler.schedule()
+    t2 = time.perf_counter()
+    sync()
+    t3 = time.perf_counter()
+    result = engine.runner.run(step)
+    t4 = time.perf_counter()
+    outs = engine._postprocess(step, result)
+    t5 = time.perf_counter()
+    assert outs and outs[0].request_id == rid
+    while engine.has_work():
+        engine.step()
+    phases = {"add_ms": 1e3 * (t1 - t0), "schedule_ms": 1e3 * (t2 - t1), "loads_wait_ms": 1e3 * (t3 - t2),
+              "run_ms": 1e3 * (t4 - t3), "post_ms": 1e3 * (t5 - t4)}  # fmt: skip
+    return t5 - t0, outs[0].cached_tokens_by_tier, phases
+
+
 def rand_ids(g: torch.Generator, n: int) -> list[int]:
     # ids the tiny tokenizer can decode (the bench measures the model, not the vocabulary)
     return torch.randint(5, 2000, (n,), generator=g).tolist()
@@ -128,10 +165,18 @@ def bench_tiers(engine: LLMEngine, lengths: list[int]) -> list[dict[str, object]
         prefix = rand_ids(g, n)
         row: dict[str, object] = {"prefix": n}
         row["cold"], _ = ttft(engine, f"cold-{n}", prefix + rand_ids(g, NEW_TOKENS))
-        row["gpu"], row["gpu_tiers"] = ttft(engine, f"gpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        row["gpu"], row["gpu_tiers"], row["gpu_phases"] = ttft_phases(engine, f"gpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
         engine.store.evict_gpu()
         engine.store.load_stream.synchronize()  # type: ignore[union-attr]
         row["cpu"], row["cpu_tiers"] = ttft(engine, f"cpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        saved = dict(engine.store.worth_loading)
+        engine.store.worth_loading = {k: True for k in saved}
+        engine.store.evict_gpu()
+        engine.store.load_stream.synchronize()  # type: ignore[union-attr]
+        row["cpu_forced"], row["cpu_forced_tiers"], row["cpu_phases"] = ttft_phases(
+            engine, f"cpuf-{n}", prefix + rand_ids(g, NEW_TOKENS)
+        )
+        engine.store.worth_loading = saved
         drop_to_disk_only(engine)
         row["disk"], row["disk_tiers"] = ttft(engine, f"disk-{n}", prefix + rand_ids(g, NEW_TOKENS))
         saved = dict(engine.store.worth_loading)
@@ -220,9 +265,12 @@ def main() -> None:
     (cfg_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
     tok_dir = make_tiny_model(work / "tok", "llama")
     card = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    copy_bw, h2d_bw = copy_bandwidth(), h2d_bandwidth()
-    print(f"card={card} copy={copy_bw / 1e12:.2f} TB/s pinned H2D={h2d_bw / 1e9:.1f} GB/s", flush=True)
+    commit = os.environ.get("COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    copy_bw, read_bw, h2d_bw = copy_bandwidth(), read_bandwidth(), h2d_bandwidth()
+    print(f"card={card} copy={copy_bw / 1e12:.2f} TB/s read={read_bw / 1e12:.2f} TB/s "
+          f"pinned H2D={h2d_bw / 1e9:.1f} GB/s", flush=True)  # fmt: skip
     engine = make_engine(work / "data", cfg_dir, tok_dir)
     print("cost model:", json.dumps(engine.cost_model.as_dict()), flush=True)
     rows = bench_tiers(engine, args.lengths)
@@ -232,7 +280,7 @@ def main() -> None:
         for b in (1, 32):
             d = bench_decode(engine, b, 8192)
             kv_read = b * 8192 * engine.config.kv_bytes_per_token(2)
-            d["floor_s"] = (weight_bytes + kv_read) / (copy_bw / 2)
+            d["floor_s"] = (weight_bytes + kv_read) / read_bw
             d["fraction_of_floor"] = d["floor_s"] / d["step_s"]
             decode.append(d)
             print(json.dumps(d), flush=True)
@@ -247,12 +295,13 @@ def main() -> None:
 
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
     print(f"\n### TTFT, 64 new tokens after a shared prefix — {card}, {dt.date.today()}, commit {commit}\n")
-    print("| prefix | cold | GPU hit | CPU hit | (PCIe time of its bytes) | disk hit (cost model) | disk forced | HF full prefill | HF DynamicCache reuse |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| prefix | cold | GPU hit | CPU hit (cost model) | CPU forced | (PCIe time of its bytes) | disk hit (cost model) | disk forced | HF full prefill | HF DynamicCache reuse |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         h = next((x for x in hf_rows if x["prefix"] == r["prefix"]), {})
         pcie = r["kv_bytes"] / h2d_bw  # type: ignore[operator]
-        print(f"| {r['prefix']} | {ms(r['cold'])} ms | {ms(r['gpu'])} ms | {ms(r['cpu'])} ms | {ms(pcie)} ms | "
+        print(f"| {r['prefix']} | {ms(r['cold'])} ms | {ms(r['gpu'])} ms | {ms(r['cpu'])} ms {r['cpu_tiers'] or '(recomputed)'} | "
+              f"{ms(r['cpu_forced'])} ms | {ms(pcie)} ms | "
               f"{ms(r['disk'])} ms {r['disk_tiers'] or '(recomputed)'} | {ms(r['disk_forced'])} ms | "
               f"{ms(h['hf_full']) if h else '-'} ms | {ms(h['hf_reuse']) if h else '-'} ms |")  # fmt: skip
     if decode:
@@ -263,7 +312,7 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out, "bench_ttft.json").write_text(json.dumps(
-            {"card": card, "commit": commit, "copy_bw": copy_bw, "h2d_bw": h2d_bw, "tiers": rows,
+            {"card": card, "commit": commit, "copy_bw": copy_bw, "read_bw": read_bw, "h2d_bw": h2d_bw, "tiers": rows,
              "decode": decode, "hf": hf_rows}, indent=1))  # fmt: skip
 
 

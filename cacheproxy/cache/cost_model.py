@@ -61,7 +61,9 @@ def measure_load_times(tiers: list[KVTier], pool_block: torch.Tensor, sync: Call
                 continue
 
             def load(tier: KVTier = tier, probe: BlockEntry = probe) -> None:
-                entry = tier.get(probe.hash)
+                # the same path TieredStore.match takes: a view where the tier offers one
+                get_view = getattr(tier, "get_view", None)
+                entry = get_view(probe.hash) if get_view is not None else tier.get(probe.hash)
                 if entry is None:
                     raise RuntimeError("probe entry vanished")
                 pool_block.copy_(entry.tensor, non_blocking=True)

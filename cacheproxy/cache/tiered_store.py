@@ -68,13 +68,14 @@ class TieredStore:
         blocks: list[int] = []
         by_tier: Counter[str] = Counter()
         parent = root
+        now = time.time()
         for i, h in enumerate(hashes[:max_blocks]):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             block = self.pool.lookup(h, parent, toks)
             if block is not None:
                 self.pool.acquire(block)
                 self.pool.hits[block] += 1
-                self.pool.last_use[block] = time.time()
+                self.pool.last_use[block] = now
                 by_tier[GPU] += bs
             else:
                 if self.pool.num_free == 0 or not any(t.contains(h) for t in self._eligible()):

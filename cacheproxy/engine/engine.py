@@ -160,7 +160,8 @@ class LLMEngine:
 
     def _measure_costs(self) -> CostModel:
         """Prefill speed of this model on this device, and each tier's time to load one block."""
-        n = min(self.settings.max_num_batched_tokens, 512, self.max_model_len, (self.pool.num_free - 1) * self.block_size)
+        # Long enough that the device is busy, as it is when a long prefix is recomputed.
+        n = min(self.settings.max_num_batched_tokens, 2048, self.max_model_len, (self.pool.num_free - 1) * self.block_size)
         ids = torch.randint(0, self.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self.score(ids)  # warm-up (kernel compilation, allocator)
@@ -196,7 +197,7 @@ class LLMEngine:
                 "context_length_exceeded",
             )
         vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
             raise EngineError(f"token ids must be in [0, {vocab})", "invalid_prompt")
         need = -(-(n + params.max_tokens) // self.block_size)
         if need > self.pool.num_blocks:
