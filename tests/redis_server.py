@@ -37,6 +37,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_node_port() -> int:
+    """A free port whose cluster bus port (port + 10000, Redis's rule) is free and exists."""
+    for _ in range(1000):
+        port = free_port()
+        if port <= 55535 and _port_is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def command(port: int, *args: str, timeout: float = 2.0) -> bytes:
     """One command over a raw socket (RESP); the reply's raw bytes. Keeps the helper free of the
     client under test."""
@@ -126,7 +144,7 @@ def start_redis_cluster(workdir: Path, masters: int = 3, timeout: float = 20.0) 
     nodes: list[RedisServer] = []
     try:
         for i in range(masters):
-            port = free_port()
+            port = cluster_node_port()
             node = RedisServer(
                 port,
                 workdir / f"node{i}",

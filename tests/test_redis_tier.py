@@ -218,7 +218,7 @@ def test_redis_stopped_mid_run_fails_fast_counts_and_opens_the_breaker(tmp_path:
         for _ in range(3):  # connection refused: each call returns at once, counted
             start = time.monotonic()
             assert t.get(a.hash) is None
-            assert time.monotonic() - start < 0.35
+            assert time.monotonic() - start < 0.45
         s = t.stats
         assert s.errors + s.timeouts == 3 and s.breaker_opens == 1
         assert t.breaker_state == "open"
@@ -250,7 +250,7 @@ def test_a_hung_redis_times_out_within_the_deadline(tmp_path: Path) -> None:
         start = time.monotonic()
         assert t.get(a.hash) is None
         assert not t.put(b)
-        assert time.monotonic() - start < 2 * 0.2 + 0.2
+        assert time.monotonic() - start < 1.0  # two deadlines of 0.2 s, not the 5 s socket default
         s = t.stats
         assert s.timeouts == 2 and s.breaker_opens == 1
         # A full write queue skips writes instead of blocking the caller.

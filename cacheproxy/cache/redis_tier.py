@@ -3,7 +3,7 @@
 Keys and values are the disk tier's: key = `key_prefix` + the 16-byte block hash, value = the
 checksummed `block_entry.encode` bytes under the namespace digest, so a block written by one
 replica is verified by another exactly as the disk tier verifies its own. Every key carries a TTL
-(`redis_ttl_s`); a hit refreshes it (GETEX), so hot prefixes stay while Redis's own
+(`redis_ttl_s`); a hit refreshes it (GETEX: Redis >= 6.2), so hot prefixes stay while Redis's own
 `maxmemory` + `allkeys-lru` bounds the memory of the whole shared store.
 
 URL: `redis://host:6379/0` (or `rediss://`) for one Redis; `redis+cluster://host:7000` (or
