@@ -4,8 +4,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -345,3 +352,33 @@ async def test_without_any_replica_the_router_answers_503(path: str) -> None:
         assert resp.status == 503
         body = await resp.json()
     assert (body.get("status") == "unavailable") if path == "/health" else body["error"]["code"] == "no_backend"
+
+
+def test_cacheproxy_route_serves_until_sigterm_and_refuses_to_start_without_backends(tmp_path: Path) -> None:
+    env = {**os.environ, "CACHEPROXY_CONFIG": str(tmp_path / "none.toml")}
+    base = [sys.executable, "-m", "cacheproxy.cli", "route", "--host", "127.0.0.1", "--log-json"]
+    lonely = subprocess.run([*base, "--port", str(_free_port())], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert lonely.returncode == 2 and "at least one backend" in lonely.stdout + lonely.stderr
+    port = _free_port()
+    dead = f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen([*base, "--port", str(port), "--backend", dead, "--router-health-interval-s", "0.2"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        status = None
+        while status is None and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                status = 200
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                time.sleep(0.05)
+        assert status == 503  # listening, and honest: its only replica is down
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -396,8 +396,12 @@ def create_router_app(settings: Settings, backends: Sequence[str] | None = None)
 
 
 async def route(settings: Settings) -> int:
-    """Serves the router until SIGINT/SIGTERM."""
-    app = create_router_app(settings)
+    """Serves the router until SIGINT/SIGTERM (0); 2 without any backend, 1 when the port is taken."""
+    try:
+        app = create_router_app(settings)
+    except ValueError as exc:
+        log.error("router_not_started", error=str(exc))
+        return 2
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -407,7 +411,8 @@ async def route(settings: Settings) -> int:
         log.error("listen_failed", host=settings.host, port=settings.port, error=str(exc))
         await runner.cleanup()
         return 1
-    log.info("listening", url=f"http://{settings.host}:{settings.port}", role="router")
+    log.info("listening", url=f"http://{settings.host}:{settings.port}", role="router",
+             backends=[b.url for b in app[ROUTER].backends.values()])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
