@@ -71,7 +71,9 @@ def test_compose_file_is_valid_against_the_compose_specification(
     assert len(_errors(compose_schema, broken)) >= 2
 
 
-def test_proxy_reserves_one_gpu_keeps_its_data_in_a_volume_and_is_health_checked(compose: dict[str, Any]) -> None:
+def test_proxy_reserves_one_gpu_keeps_its_data_in_a_volume_and_is_health_checked(
+    compose: dict[str, Any],
+) -> None:
     services = compose["services"]
     proxy = services["proxy"]
     (gpu,) = proxy["deploy"]["resources"]["reservations"]["devices"]
@@ -136,7 +138,11 @@ def test_every_cacheproxy_variable_is_a_setting_and_every_example_value_is_valid
     from_compose = {k: v for k, v in _compose_environment(compose).items() if k.startswith("CACHEPROXY_")}
     assert len(example) > 30 and from_compose and dockerfile_env
     fields = set(Settings.model_fields)
-    for source, variables in (("compose", from_compose), (".env.example", example), ("Dockerfile", dockerfile_env)):
+    for source, variables in (
+        ("compose", from_compose),
+        (".env.example", example),
+        ("Dockerfile", dockerfile_env),
+    ):
         unknown = sorted(k for k in variables if k.removeprefix("CACHEPROXY_").lower() not in fields)
         assert unknown == [], f"{source} passes variables that are no Settings field: {unknown}"
     # Settings reads them as the containers would: every example value parses.
@@ -199,7 +205,9 @@ def test_grafana_provisions_the_datasource_and_the_dashboard_it_uses(compose: di
         assert wanted in titles.lower()
 
 
-def test_dashboard_queries_only_metrics_the_server_and_router_expose(server: ServerProcess, client: Any) -> None:
+def test_dashboard_queries_only_metrics_the_server_and_router_expose(
+    server: ServerProcess, client: Any
+) -> None:
     from cacheproxy.server.router import Router
 
     # One request, so that every family (the TTFT histogram by cache state included) has samples.

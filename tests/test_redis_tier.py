@@ -74,7 +74,9 @@ def test_redis_tier_is_a_kv_tier_named_remote(tier: RedisTier) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_round_trip_stores_the_disk_tiers_key_and_bytes(tier: RedisTier, raw: redis.Redis, dtype: torch.dtype) -> None:
+def test_round_trip_stores_the_disk_tiers_key_and_bytes(
+    tier: RedisTier, raw: redis.Redis, dtype: torch.dtype
+) -> None:
     entries = _chain(3, dtype)
     for e in entries:
         assert tier.put(e)
@@ -147,7 +149,9 @@ def test_entries_expire_after_their_ttl(redis_server: RedisServer, raw: redis.Re
         t.close()
 
 
-def test_an_entry_over_the_size_limit_is_refused_and_counted(redis_server: RedisServer, raw: redis.Redis) -> None:
+def test_an_entry_over_the_size_limit_is_refused_and_counted(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
     e = _chain(1)[0]  # 2 KiB of float16
     t = _tier(redis_server.url, max_entry_bytes=1024)
     try:
@@ -172,7 +176,9 @@ def test_used_bytes_never_exceeds_the_capacity(redis_server: RedisServer, raw: r
         t.close()
 
 
-@pytest.mark.parametrize("damage", ["flipped_payload_byte", "flipped_header_byte", "garbage", "foreign_namespace"])
+@pytest.mark.parametrize(
+    "damage", ["flipped_payload_byte", "flipped_header_byte", "garbage", "foreign_namespace"]
+)
 def test_a_corrupt_value_is_dropped_and_counted_never_served(
     tier: RedisTier, raw: redis.Redis, damage: str
 ) -> None:
@@ -307,7 +313,9 @@ def _replica(model_dir: Path, data_dir: Path, redis_url: str) -> LLMEngine:
     return LLMEngine.from_settings(settings)
 
 
-def _generate(engine: LLMEngine, prompts: dict[str, list[int]]) -> dict[str, tuple[list[int], dict[str, int]]]:
+def _generate(
+    engine: LLMEngine, prompts: dict[str, list[int]]
+) -> dict[str, tuple[list[int], dict[str, int]]]:
     """Runs the prompts together, greedy; per request its tokens and its cached tokens by tier."""
     for rid, ids in prompts.items():
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -396,7 +404,9 @@ def test_two_real_servers_share_prefixes_through_redis(tiny_model_dir: Path, tmp
         assert on_a.usage.prompt_tokens_details.cached_tokens == 0
         details = on_b.usage.prompt_tokens_details
         assert details.cached_tokens >= ((on_b.usage.prompt_tokens - 1) // BLOCK) * BLOCK > 0
-        assert (details.model_extra or {}).get("cached_tokens_by_tier", {}).get("remote") == details.cached_tokens
+        assert (details.model_extra or {}).get("cached_tokens_by_tier", {}).get(
+            "remote"
+        ) == details.cached_tokens
         assert on_b.choices[0].message.content == on_a.choices[0].message.content
         metrics = replicas[1].request("GET", "/metrics", key=None).body.decode()
         assert 'cacheproxy_prefix_cache_hits_tokens_total{tier="remote"}' in metrics

@@ -101,7 +101,9 @@ def test_prompt_cache_key_wins_and_only_the_leading_bytes_count() -> None:
     b = _chat(("user", "something else entirely"), prompt_cache_key="agent-42")
     assert affinity_key(a, 4096) == affinity_key(b, 4096) != affinity_key(_chat(("user", "x")), 4096)
     head = "word " * 2000
-    assert affinity_key({"prompt": head + "tail one"}, 1024) == affinity_key({"prompt": head + "tail two"}, 1024)
+    assert affinity_key({"prompt": head + "tail one"}, 1024) == affinity_key(
+        {"prompt": head + "tail two"}, 1024
+    )
     assert affinity_key({"prompt": "short one"}, 1024) != affinity_key({"prompt": "short two"}, 1024)
     assert affinity_key({"prompt": [1, 2, 3]}, 64) == affinity_key({"prompt": [1, 2, 3]}, 64)
     assert affinity_key({"prompt": ["batch a", "batch b"]}, 64) == affinity_key({"prompt": "batch a"}, 64)
@@ -156,7 +158,9 @@ class Site:
 async def _router(backends: list[str], **overrides: Any) -> AsyncIterator[Site]:
     opts: dict[str, Any] = {"router_health_interval_s": 0.5}
     opts.update(overrides)
-    runner = web.AppRunner(create_router_app(Settings(_env_file=None, **opts), backends), handler_cancellation=True)
+    runner = web.AppRunner(
+        create_router_app(Settings(_env_file=None, **opts), backends), handler_cancellation=True
+    )
     await runner.setup()
     port = _free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -202,7 +206,10 @@ def _traffic(seed: int, conversations: int, turns: int) -> tuple[list[Conversati
 
 async def _ask(client: openai.AsyncOpenAI, conv: Conversation, rng: random.Random) -> tuple[Any, str]:
     raw = await client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=conv.messages, max_tokens=8, temperature=0.0  # type: ignore[arg-type]
+        model=MODEL,
+        messages=conv.messages,
+        max_tokens=8,
+        temperature=0.0,  # type: ignore[arg-type]
     )
     reply = raw.parse()
     conv.messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
@@ -217,7 +224,9 @@ class TrafficResult:
     met: dict[int, set[str]]  # per conversation: the replicas its turns went to
 
 
-async def _run_traffic(url: str, key: str, seed: int, conversations: int = 6, turns: int = 4) -> TrafficResult:
+async def _run_traffic(
+    url: str, key: str, seed: int, conversations: int = 6, turns: int = 4
+) -> TrafficResult:
     convs, order = _traffic(seed, conversations, turns)
     rng = random.Random(seed + 1)
     cached = prompt = 0
@@ -241,7 +250,9 @@ async def test_router_sends_conversations_to_the_replica_that_holds_them_and_bea
     urls = [r.base_url for r in replicas]
     async with _router(urls) as router:
         affinity = await _run_traffic(router.url, KEY_A, seed=11)
-    assert all(len(backends) == 1 for backends in affinity.met.values()), affinity.met  # every turn on one replica
+    assert all(len(backends) == 1 for backends in affinity.met.values()), (
+        affinity.met
+    )  # every turn on one replica
     assert set().union(*affinity.met.values()) == set(urls)  # and both replicas got conversations
     # The same traffic as another tenant (whose prefixes no replica holds yet), round robin.
     async with _router(urls, router_policy="round_robin") as router:
@@ -273,7 +284,10 @@ async def test_router_streams_sse_and_lists_models(replicas: list[ServerProcess]
 
 async def test_a_busy_replica_spills_over_to_the_next_on_the_ring(replicas: list[ServerProcess]) -> None:
     conv = _traffic(6, conversations=1, turns=1)[0][0]
-    async with _router([r.base_url for r in replicas], router_max_in_flight=1) as router, _client(router.url) as client:
+    async with (
+        _router([r.base_url for r in replicas], router_max_in_flight=1) as router,
+        _client(router.url) as client,
+    ):
         replies = await asyncio.gather(
             *(client.chat.completions.with_raw_response.create(
                 model=MODEL, messages=conv.messages, max_tokens=32, temperature=0.0,  # type: ignore[arg-type]
@@ -299,14 +313,19 @@ async def test_a_replica_taken_down_is_routed_around(replicas: list[ServerProces
         async with aiohttp.ClientSession() as http, http.get(router.url + "/health") as resp:
             health = await resp.json()
             assert resp.status == 200
-        assert {b["url"]: b["healthy"] for b in health["backends"]} == {up.base_url: True, down.base_url: False}
+        assert {b["url"]: b["healthy"] for b in health["backends"]} == {
+            up.base_url: True,
+            down.base_url: False,
+        }
 
 
 async def test_a_replica_answering_429_is_skipped_for_the_next_one(
     replicas: list[ServerProcess], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     # A replica that runs one sequence at a time with one waiting: a burst gets 429s from it.
-    (strict,) = _start_replicas(tiny_model_dir, tmp_path, [["--max-num-seqs", "1", "--max-waiting-requests", "1"]])
+    (strict,) = _start_replicas(
+        tiny_model_dir, tmp_path, [["--max-num-seqs", "1", "--max-waiting-requests", "1"]]
+    )
     try:
         other = next(r for r in replicas if r.process.poll() is None)
         urls = [strict.base_url, other.base_url]
@@ -348,10 +367,16 @@ async def _text(url: str) -> str:
 @pytest.mark.parametrize("path", ["/health", "/v1/models"])
 async def test_without_any_replica_the_router_answers_503(path: str) -> None:
     dead = f"http://127.0.0.1:{_free_port()}"
-    async with _router([dead]) as router, aiohttp.ClientSession() as http, http.get(router.url + path) as resp:
+    async with (
+        _router([dead]) as router,
+        aiohttp.ClientSession() as http,
+        http.get(router.url + path) as resp,
+    ):
         assert resp.status == 503
         body = await resp.json()
-    assert (body.get("status") == "unavailable") if path == "/health" else body["error"]["code"] == "no_backend"
+    assert (
+        (body.get("status") == "unavailable") if path == "/health" else body["error"]["code"] == "no_backend"
+    )
 
 
 def test_cacheproxy_route_serves_until_sigterm_and_refuses_to_start_without_backends(tmp_path: Path) -> None:

@@ -204,7 +204,9 @@ class RedisTier:
         self._stats_lock = threading.Lock()
         self._closed = False
         self._loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="redis-tier-loop", daemon=True)
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="redis-tier-loop", daemon=True
+        )
         self._loop_thread.start()
         self._queue: queue.Queue[BlockEntry | threading.Event | None] = queue.Queue(maxsize=write_queue)
         self._writer = threading.Thread(target=self._writer_loop, name="redis-tier-writer", daemon=True)

@@ -154,14 +154,30 @@ class Backend:
 class _RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("cacheproxy_router_requests", "Requests answered, by replica and status.",
-                                ["backend", "status"], registry=self.registry)
-        self.retries = Counter("cacheproxy_router_retries", "Requests sent on to the next replica, by reason.",
-                               ["reason"], registry=self.registry)
-        self.up = Gauge("cacheproxy_router_backend_up", "1 while the replica passes its health check.",
-                        ["backend"], registry=self.registry)
-        self.in_flight = Gauge("cacheproxy_router_in_flight", "Requests in flight per replica.",
-                               ["backend"], registry=self.registry)
+        self.requests = Counter(
+            "cacheproxy_router_requests",
+            "Requests answered, by replica and status.",
+            ["backend", "status"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "cacheproxy_router_retries",
+            "Requests sent on to the next replica, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.up = Gauge(
+            "cacheproxy_router_backend_up",
+            "1 while the replica passes its health check.",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "cacheproxy_router_in_flight",
+            "Requests in flight per replica.",
+            ["backend"],
+            registry=self.registry,
+        )
 
 
 class NoBackend(Exception):
@@ -270,7 +286,10 @@ class Router:
             try:
                 try:
                     upstream = await self.session.request(
-                        request.method, backend.url + request.rel_url.path_qs, data=body or None, headers=headers
+                        request.method,
+                        backend.url + request.rel_url.path_qs,
+                        data=body or None,
+                        headers=headers,
                     )
                 except aiohttp.ClientConnectorError as exc:
                     # Nothing listens there: down until a health check says otherwise.
@@ -362,9 +381,13 @@ async def _unplaced(request: web.Request) -> web.StreamResponse:
 
 async def _health(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
-    backends = [{"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight} for b in router.backends.values()]
+    backends = [
+        {"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight} for b in router.backends.values()
+    ]
     ok = any(b.healthy for b in router.backends.values())
-    return web.json_response({"status": "ok" if ok else "unavailable", "backends": backends}, status=200 if ok else 503)
+    return web.json_response(
+        {"status": "ok" if ok else "unavailable", "backends": backends}, status=200 if ok else 503
+    )
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -384,8 +407,12 @@ def create_router_app(settings: Settings, backends: Sequence[str] | None = None)
 
     async def on_startup(app: web.Application) -> None:
         await router.start()
-        log.info("router_ready", backends=[b.url for b in router.backends.values()],
-                 healthy=sum(b.healthy for b in router.backends.values()), policy=settings.router_policy)
+        log.info(
+            "router_ready",
+            backends=[b.url for b in router.backends.values()],
+            healthy=sum(b.healthy for b in router.backends.values()),
+            policy=settings.router_policy,
+        )
 
     async def on_cleanup(app: web.Application) -> None:
         await router.close()
@@ -411,8 +438,12 @@ async def route(settings: Settings) -> int:
         log.error("listen_failed", host=settings.host, port=settings.port, error=str(exc))
         await runner.cleanup()
         return 1
-    log.info("listening", url=f"http://{settings.host}:{settings.port}", role="router",
-             backends=[b.url for b in app[ROUTER].backends.values()])
+    log.info(
+        "listening",
+        url=f"http://{settings.host}:{settings.port}",
+        role="router",
+        backends=[b.url for b in app[ROUTER].backends.values()],
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
