@@ -60,6 +60,8 @@ class TieredStore:
         self._pinned_blocks: dict[bytes, list[int]] = {}
         self.load_stream = torch.cuda.Stream(pool.kv.device) if pool.kv.is_cuda else None
         self._loads_pending = False
+        self._pending_copies: list[tuple[int, torch.Tensor]] = []
+        self._shared_tiers = [t for t in self.tiers if t.name == "remote"]
         pool.on_evict = self._demote
 
     # --- lookup -------------------------------------------------------------------------
@@ -69,6 +71,7 @@ class TieredStore:
         by_tier: Counter[str] = Counter()
         parent = root
         now = time.time()
+        eligible = self._eligible()
         for i, h in enumerate(hashes[:max_blocks]):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             block = self.pool.lookup(h, parent, toks)
@@ -78,12 +81,12 @@ class TieredStore:
                 self.pool.last_use[block] = now
                 by_tier[GPU] += bs
             else:
-                if self.pool.num_free == 0 or not any(t.contains(h) for t in self._eligible()):
+                if self.pool.num_free == 0 or not any(t.contains(h) for t in eligible):
                     break
                 # Allocate before reading: the allocation may demote a pool block into the CPU
                 # tier, which must not reuse a slot we are about to copy from.
                 block = self.pool.allocate()
-                found = self._find_lower(h, parent, toks)
+                found = self._find_lower(h, parent, toks, eligible)
                 if found is None:
                     self.pool.release(block)
                     break
@@ -93,6 +96,7 @@ class TieredStore:
                 by_tier[tier_name] += bs
             blocks.append(block)
             parent = h
+        self._issue_copies()
         if self._loads_pending and self.load_stream is not None:
             # The compute stream waits for the copies; the host does not.
             torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
@@ -103,8 +107,10 @@ class TieredStore:
     def _eligible(self) -> list[KVTier]:
         return [t for t in self.tiers if self.worth_loading.get(t.name, True)]
 
-    def _find_lower(self, h: bytes, parent: bytes, toks: tuple[int, ...]) -> tuple[BlockEntry, str] | None:
-        for tier in self._eligible():
+    def _find_lower(
+        self, h: bytes, parent: bytes, toks: tuple[int, ...], eligible: list[KVTier]
+    ) -> tuple[BlockEntry, str] | None:
+        for tier in eligible:
             get_view = getattr(tier, "get_view", None)
             entry = get_view(h) if get_view is not None else tier.get(h)
             if entry is not None and entry.matches(parent, toks):
@@ -112,41 +118,56 @@ class TieredStore:
         return None
 
     def _copy_in(self, block: int, entry: BlockEntry, tier_name: str) -> None:
-        stream = self.load_stream
-        if stream is None:
+        if self.load_stream is None:
             self.pool.kv[block].copy_(entry.tensor)
         else:
-            # From a pinned CPU-tier slot this is an asynchronous DMA on the side stream; the slot
-            # stays untouched until the stream is drained (see _write_down).
-            with torch.cuda.stream(stream):
-                self.pool.kv[block].copy_(entry.tensor, non_blocking=True)
-            self._loads_pending = True
+            self._pending_copies.append((block, entry.tensor))
         self.counters.transfers[(tier_name, GPU)] += self.pool.block_bytes
+
+    def _issue_copies(self) -> None:
+        """Starts the queued loads on the side stream in one go. From pinned CPU-tier slots they
+        are asynchronous DMAs; the slots stay untouched until the stream is drained (_write_down)."""
+        if not self._pending_copies:
+            return
+        kv = self.pool.kv
+        with torch.cuda.stream(self.load_stream):
+            for block, tensor in self._pending_copies:
+                kv[block].copy_(tensor, non_blocking=True)
+        self._pending_copies.clear()
+        self._loads_pending = True
 
     # --- filling and movement ------------------------------------------------------------
     def register(self, block: int, ident: BlockIdentity) -> None:
-        """Publishes a block whose K/V were just computed."""
-        if self.pool.register(block, ident) and self.policy == "write_through":
+        """Publishes a block whose K/V were just computed. The shared (remote) tier gets every
+        block at once whatever the policy: other replicas can only hit what was written there."""
+        if not self.pool.register(block, ident):
+            return
+        if self.policy == "write_through":
             self._write_down(block, ident)
+        elif self._shared_tiers:
+            self._write_down(block, ident, only=self._shared_tiers)
 
     def _demote(self, block: int, ident: BlockIdentity) -> None:
         if self.policy == "write_back":
             self._write_down(block, ident)
 
-    def _write_down(self, block: int, ident: BlockIdentity, everywhere: bool = False) -> None:
+    def _write_down(
+        self, block: int, ident: BlockIdentity, everywhere: bool = False, only: list[KVTier] | None = None
+    ) -> None:
         """write_back: into the first lower tier (the CPU tier demotes onwards when it evicts);
         write_through: into every lower tier. Disk and remote writes are queued, never awaited."""
         if not self.tiers:
             return
+        self._issue_copies()  # queued loads read CPU-tier slots that this write may reuse
         if self._loads_pending and self.load_stream is not None:
             self.load_stream.synchronize()  # a put may reuse a slot a pending load reads from
             self._loads_pending = False
         entry = BlockEntry(ident.hash, ident.parent, ident.token_ids, self.pool.kv[block].to("cpu", copy=True))
-        for tier in self.tiers:
+        for tier in only or self.tiers:
             put = getattr(tier, "put_async", tier.put)
             if put(entry):
                 self.counters.transfers[(GPU, tier.name)] += self.pool.block_bytes
-            if self.policy == "write_back" and not everywhere:
+            if self.policy == "write_back" and not everywhere and only is None:
                 break
 
     def evict_gpu(self) -> int:
@@ -254,7 +275,7 @@ class TieredStore:
                 self.unpin(leaf)
 
     def evict(self, leaf: bytes | None = None) -> dict[str, int]:
-        """Drops one prefix (its chain's pool blocks not used by a request, and the leaf's
+        """Drops one prefix (its chain's pool blocks not used by a request, and the chain's
         copies in the lower tiers) or, with None, everything unused from every tier."""
         removed: Counter[str] = Counter()
         if leaf is None:
@@ -266,12 +287,26 @@ class TieredStore:
                     removed[tier.name] += bool(tier.remove(h))
             return dict(removed)
         self.unpin(leaf)
+        parents: dict[bytes, bytes] = {}
         for block in self._chain(leaf):
             ident = self.pool.identity[block]
             if ident is not None:
+                parents[ident.hash] = ident.parent
                 removed[GPU] += self.pool.evict(ident.hash)
+        # The whole chain goes from the lower tiers too: a prefix whose leaf alone was dropped would
+        # still be served, all but its last block, from the CPU or disk copies of its ancestors.
         for tier in self.tiers:
-            removed[tier.name] += bool(tier.remove(leaf))
+            h: bytes | None = leaf
+            while h is not None:
+                parent = parents.get(h)
+                if parent is None:  # beyond what the pool held: the tier's entry names the parent
+                    entry = tier.get(h) if tier.contains(h) else None
+                    parent = entry.parent if entry is not None else None
+                if tier.remove(h):
+                    removed[tier.name] += 1
+                elif h not in parents:
+                    break
+                h = parent
         return dict(removed)
 
     # --- reporting ----------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Steps replayed from CUDA graphs: decode per batch-size bucket, and a single sequence's short
+prefill (the suffix after a cached prefix) per token-count bucket.
 
-A decode step of a small model is launch-bound: dozens of kernels per layer, each a few
-microseconds of GPU work. A captured graph replays them with one launch. Inputs go through static
-buffers; a batch is padded up to its bucket with rows that write nowhere (slot -1) and attend to
-one token of block 0, and whose outputs are dropped.
+Such steps are launch-bound: dozens of kernels per layer, each a few microseconds of GPU work. A
+captured graph replays them with one launch. Inputs go through static buffers; a step is padded up
+to its bucket with tokens that write nowhere (slot -1) and whose outputs are dropped. The attention
+kernels read lengths from device tensors, so one graph serves any context length.
 """
 
 from __future__ import annotations
@@ -19,22 +20,31 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sorted({min(s, max_batch) for s in sizes})
 
 
-class DecodeGraphs:
-    def __init__(self, model: CausalLM, max_batch: int, max_blocks_per_seq: int, hidden_size: int) -> None:
+PREFILL_BUCKETS = [16, 32, 64, 128, 256, 512]
+
+
+class StepGraphs:
+    def __init__(
+        self, model: CausalLM, max_batch: int, max_blocks_per_seq: int, hidden_size: int, max_prefill: int
+    ) -> None:
         self.model = model
         dev = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.buckets = bucket_sizes(max_batch)
         self.max_batch = self.buckets[-1]
+        self.prefill_buckets = [b for b in PREFILL_BUCKETS if b <= max_prefill]
         self.max_blocks = max_blocks_per_seq
-        n = self.max_batch
+        n = max(self.max_batch, *self.prefill_buckets)
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=dev)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.cu_seqlens = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.cached_lens = torch.zeros(1, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros((n, hidden_size), dtype=dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
     def _forward(self, b: int) -> None:
@@ -50,21 +60,66 @@ class DecodeGraphs:
         finally:
             set_context(None)
 
+    def _prefill_forward(self, t: int) -> None:
+        ctx = StepContext(
+            is_prefill=True,
+            slot_mapping=self.slot_mapping[:t],
+            block_tables=self.block_tables[:1],
+            cu_seqlens_q=self.cu_seqlens,
+            cached_lens=self.cached_lens,
+        )
+        set_context(ctx)
+        try:
+            self.hidden[:t] = self.model(self.input_ids[:t], self.positions[:t])
+        finally:
+            set_context(None)
+
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = None
-        for b in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
-            self._forward(b)  # warm-up: compiles kernels outside the capture
+        self.cu_seqlens.copy_(torch.tensor([0, 1], dtype=torch.int32))
+        captures = [(self.prefill_graphs, t, self._prefill_forward) for t in reversed(self.prefill_buckets)]
+        captures += [(self.graphs, b, self._forward) for b in reversed(self.buckets)]
+        for graphs, size, forward in captures:  # largest first: the smaller ones reuse its memory
+            forward(size)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self._forward(b)
+                forward(size)
             pool = g.pool()
-            self.graphs[b] = g
+            graphs[size] = g
         torch.cuda.synchronize()
 
     def fits(self, batch: int, max_blocks: int) -> bool:
         return batch <= self.max_batch and max_blocks <= self.max_blocks
+
+    def fits_prefill(self, num_seqs: int, num_tokens: int, max_blocks: int) -> bool:
+        return (
+            num_seqs == 1 and bool(self.prefill_buckets) and num_tokens <= self.prefill_buckets[-1]
+            and max_blocks <= self.max_blocks
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def run_prefill(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        cached_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        t = input_ids.shape[0]
+        bucket = next(s for s in self.prefill_buckets if s >= t)
+        self.input_ids[:t].copy_(input_ids, non_blocking=True)
+        self.positions[:t].copy_(positions, non_blocking=True)
+        self.positions[t:bucket].fill_(0)
+        self.slot_mapping[:t].copy_(slot_mapping, non_blocking=True)
+        self.slot_mapping[t:bucket].fill_(-1)
+        self.block_tables[:1, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        self.cu_seqlens[1].fill_(t)
+        self.cached_lens.copy_(cached_lens, non_blocking=True)
+        self.prefill_graphs[bucket].replay()
+        return self.hidden[:t]
 
     @torch.inference_mode()
     def run(

@@ -101,7 +101,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, self.store, settings.max_num_seqs, settings.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv)
         if device.type == "cuda" and settings.cuda_graphs:
-            self.runner.capture_decode_graphs(settings.max_num_seqs, self.max_model_len)
+            self.runner.capture_graphs(settings.max_num_seqs, self.max_model_len, settings.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.streams: dict[str, _Stream] = {}
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_id)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cacheproxy.engine.cuda_graphs import DecodeGraphs
+from cacheproxy.engine.cuda_graphs import StepGraphs
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.sampler import sample
 from cacheproxy.engine.scheduler import ScheduledStep
@@ -29,11 +29,11 @@ class ModelRunner:
         self.device = kv.device
         self.block_size = kv.shape[3]
         model.bind_kv_pool(kv)
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
 
-    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def capture_graphs(self, max_batch: int, max_model_len: int, max_prefill_tokens: int) -> None:
         max_blocks = -(-max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, self.model.config.hidden_size)
+        self.graphs = StepGraphs(self.model, max_batch, max_blocks, self.model.config.hidden_size, max_prefill_tokens)
 
     def _prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
         bs = self.block_size
@@ -74,9 +74,14 @@ class ModelRunner:
     def _forward(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
         input_ids, positions, ctx, sample_idx = self._prepare(step)
         graphs = self.graphs
-        if graphs is not None and not ctx.is_prefill and graphs.fits(len(step.chunks), ctx.block_tables.shape[1]):
+        width = ctx.block_tables.shape[1]
+        if graphs is not None and not ctx.is_prefill and graphs.fits(len(step.chunks), width):
             assert ctx.context_lens is not None
             hidden = graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)
+            return hidden, sample_idx
+        if graphs is not None and ctx.is_prefill and graphs.fits_prefill(len(step.chunks), len(input_ids), width):
+            assert ctx.cached_lens is not None
+            hidden = graphs.run_prefill(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.cached_lens)
             return hidden, sample_idx
         set_context(ctx)
         try:

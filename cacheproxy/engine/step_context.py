@@ -5,6 +5,7 @@ One object per forward pass instead of threading a dozen tensors through every m
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -22,15 +23,16 @@ class StepContext:
     context_lens: torch.Tensor | None = None  # [B] int32: including the token of this step
 
 
-_current: StepContext | None = None
+# Per thread: each engine steps on its own thread, and several engines may share a process.
+_local = threading.local()
 
 
 def set_context(ctx: StepContext | None) -> None:
-    global _current
-    _current = ctx
+    _local.ctx = ctx
 
 
 def get_context() -> StepContext:
-    if _current is None:
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
         raise RuntimeError("attention called outside of an engine step")
-    return _current
+    return ctx

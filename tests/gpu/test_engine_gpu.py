@@ -71,16 +71,22 @@ def _hf_fp64_logits(path: Path, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("chunk", [4096, 64], ids=["unchunked", "chunked"])
-def test_bf16_greedy_tokens_match_transformers(models: dict[str, Path], tmp_path: Path, arch: str, chunk: int) -> None:
-    """32 greedy tokens per prompt, a batch of lengths. Every token is the reference's argmax,
-    except where the reference's own top two are closer than bf16 can tell apart."""
-    engine = _engine(models[arch], tmp_path, max_num_batched_tokens=chunk)
+@pytest.mark.parametrize("mode", ["unchunked", "chunked", "alone"])
+def test_bf16_greedy_tokens_match_transformers(models: dict[str, Path], tmp_path: Path, arch: str, mode: str) -> None:
+    """32 greedy tokens per prompt, a batch of lengths (or each prompt alone: its prefill then runs
+    from a captured graph). Every token is the reference's argmax, except where the reference's own
+    top two are closer than bf16 can tell apart."""
+    engine = _engine(models[arch], tmp_path, max_num_batched_tokens=64 if mode == "chunked" else 4096)
     hf = _hf(models[arch])
     prompts = _prompts(2, [5, 37, 130, 700])
     reqs = [GenerationRequest(f"r{i}", p, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
             for i, p in enumerate(prompts)]  # fmt: skip
-    got = generate_blocking(engine, reqs)
+    if mode == "alone":
+        got = {}
+        for r in reqs:
+            got.update(generate_blocking(engine, [r]))
+    else:
+        got = generate_blocking(engine, reqs)
     exact = 0
     for i, p in enumerate(prompts):
         seq = p + got[f"r{i}"]
@@ -95,6 +101,16 @@ def test_bf16_greedy_tokens_match_transformers(models: dict[str, Path], tmp_path
             break  # past a near-tie the two continuations legitimately differ
     print(f"{arch}: {exact} tokens exact before the first near-tie, of {32 * len(prompts)}")
     assert exact >= len(prompts)  # each prompt's first token at least (a broken engine fails above)
+
+
+def test_graph_replayed_prefill_matches_eager(models: dict[str, Path], tmp_path: Path) -> None:
+    graphs = _engine(models["qwen3"], tmp_path)
+    eager = _engine(models["qwen3"], tmp_path / "eager", cuda_graphs=False)
+    assert graphs.runner.graphs is not None and eager.runner.graphs is None
+    for n in (3, 16, 100, 512):
+        ids = _prompts(n, [n])[0]
+        a, b = graphs.score(ids), eager.score(ids)
+        assert (a - b).abs().max().item() < 0.02 * b.abs().max().item(), n
 
 
 def test_tier_round_trip_on_cuda_with_pinned_cpu_tier(models: dict[str, Path], tmp_path: Path) -> None:
