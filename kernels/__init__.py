@@ -31,13 +31,14 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale, *, out=N
     )
 
 
-def prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale, *, out=None, max_query_len=None):  # type: ignore[no-untyped-def]
-    """`max_query_len`: a host-side bound on any sequence's new tokens; Triton sizes its grid from it
-    (default: all T tokens)."""
+def prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale, *, out=None, max_query_len=None, max_cached_len=None):  # type: ignore[no-untyped-def]
+    """`max_query_len`: a host-side bound on any sequence's new tokens (default: all T tokens);
+    `max_cached_len`: one on any sequence's cached tokens (default: the block table's capacity).
+    Triton sizes its grid and split-K from them; a tight `max_cached_len` helps few-token prefills."""
     if _use_triton(q):
         return _triton.prefix_prefill(
             q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale,
-            out=out, max_query_len=max_query_len,
+            out=out, max_query_len=max_query_len, max_cached_len=max_cached_len,
         )
     return reference.prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale, out=out)
 

@@ -1,4 +1,4 @@
-"""The Triton attention and KV-movement ops: argument checks, then one launch (two for split decode).
+"""The Triton attention and KV-movement ops: argument checks, then one launch (two for split-K).
 
 Shapes follow `kernels/__init__.py`. `k_cache`/`v_cache` are strided views
 `[num_blocks, block_size, num_kv_heads, head_dim]` of one layer of the page-first pool; the kernels
@@ -6,8 +6,8 @@ read and write them through their strides and never copy them. Every tensor's la
 contiguous. Attention accumulates in float32 and returns q's dtype.
 
 Contracts the checks cannot see without a device sync: every context fits its block-table row,
-block ids are valid rows of the pool, and `max_context_len` / `max_query_len` (when given) bound the
-real lengths. The ops are safe to capture in a CUDA graph: nothing here reads device memory.
+block ids are valid rows of the pool, and `max_context_len` / `max_query_len` / `max_cached_len`
+(when given) bound the real lengths. The ops are safe to capture in a CUDA graph: nothing here reads device memory.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kernels.triton_decode import (
     plan_decode_splits,
 )
 from kernels.triton_kv_movement import launch_copy_blocks, launch_write_kv
-from kernels.triton_prefill import launch_prefix_prefill, prefill_tiling_for
+from kernels.triton_prefill import launch_grouped_prefix_prefill, launch_prefix_prefill, plan_prefix_prefill
 
 __all__ = ["copy_blocks", "paged_decode", "prefix_prefill", "write_kv"]
 
@@ -180,11 +180,16 @@ def prefix_prefill(
     *,
     out: torch.Tensor | None = None,
     max_query_len: int | None = None,
+    max_cached_len: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Packed new tokens q[T,Hq,D], k/v[T,Hkv,D]; sequence b's tokens sit at positions cached_lens[b] + i.
 
     They attend to the sequence's cached tokens (through block_table) and causally to its own new
-    tokens. `max_query_len` (default T) bounds the new tokens of any one sequence.
+    tokens. `max_query_len` (default T) bounds the new tokens of any one sequence, `max_cached_len`
+    (default: what the block table can hold) its cached tokens; from both the launch shape is chosen
+    (few new tokens after a long prefix: split-K over the cached part). `num_splits` forces the
+    split-K kernel with that many splits (tests, tuning).
     """
     op = "prefix_prefill"
     _check_rank(op, "q", q, "[num_tokens, num_q_heads, head_dim]")
@@ -210,19 +215,30 @@ def prefix_prefill(
     _check_rank(op, "block_table", block_table, "[batch, max_blocks]")
     _check_index(op, "block_table", block_table, (batch, block_table.shape[1]), "[batch, max_blocks]")
     _check_scale(op, scale)
+    if max_query_len is None:
+        max_query_len = num_tokens
+    elif not 0 <= max_query_len <= num_tokens:
+        _fail(op, f"max_query_len {max_query_len} must be in [0, {num_tokens}]")
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    if max_cached_len is None:
+        max_cached_len = capacity
+    elif not 0 <= max_cached_len <= capacity:
+        _fail(op, f"max_cached_len {max_cached_len} must be in [0, {capacity}] (block_table width x block_size)")
+    if num_splits is not None and num_splits < 1:
+        _fail(op, f"num_splits must be >= 1, got {num_splits}")
     _check_device(
         op, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
         cu_seqlens_q=cu_seqlens_q, cached_lens=cached_lens,
     )
     out = _check_out(op, out, q)
-    if max_query_len is None:
-        max_query_len = num_tokens
-    elif not 0 <= max_query_len <= num_tokens:
-        _fail(op, f"max_query_len {max_query_len} must be in [0, {num_tokens}]")
-    tiling = prefill_tiling_for(q.device, q.shape[2])
-    return launch_prefix_prefill(
-        q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, float(scale), out, max_query_len, tiling
+    plan = plan_prefix_prefill(
+        batch, q.shape[1], k_cache.shape[2], q.shape[2], max_query_len, max_cached_len,
+        multiprocessor_count(q.device), q.device, num_splits,
     )
+    args = (q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, float(scale), out, max_query_len)
+    if plan.grouped:
+        return launch_grouped_prefix_prefill(*args, plan.tiling, plan.num_splits)
+    return launch_prefix_prefill(*args, plan.tiling)
 
 
 def write_kv(

@@ -1,12 +1,22 @@
 """Prefix prefill attention in Triton: packed new tokens attend to their cached blocks, then causally
 to themselves.
 
-One program owns (tile of BLOCK_M new tokens of one sequence, query head). It first walks the
-sequence's cached tokens through the block table (no causal mask: every cached token precedes every
-new one), then the new tokens' own K/V up to the tile's diagonal, with an online softmax throughout.
-Only the last cached tile and the diagonal tiles pay for masks.
+Two launch shapes, chosen by `plan_prefix_prefill` from host-known sizes only (CUDA-graph safe):
 
-Callers validate arguments first (`kernels.triton_ops`); the launcher trusts what it gets.
+- Tiled (long cold prefills, many new tokens): one program owns (tile of BLOCK_M new tokens of one
+  sequence, query head). It walks the sequence's cached tokens through the block table (no causal
+  mask: every cached token precedes every new one), then the new tokens' own K/V up to the tile's
+  diagonal, with an online softmax throughout. Only the last cached tile and the diagonal tiles pay
+  for masks.
+- Grouped split-K (few new tokens after a long cached prefix, where the tiled grid would leave most
+  multiprocessors idle): one program owns (BLOCK_M rows of one KV head, split of the cached part).
+  A row is one (new token, query head of the KV head's group), so the heads that share a KV head
+  share its loads. The cached part is cut into `num_splits` equal slices, sized inside the kernel
+  from the sequence's real cached length (the host only fixes the count); the last split also does
+  the causal part over the new tokens. Each split writes its normalized output and log2-sum-exp in
+  float32 and a second kernel merges them; with one split the program writes the output directly.
+
+Callers validate arguments first (`kernels.triton_ops`); the launchers trust what they get.
 """
 
 from __future__ import annotations
@@ -34,6 +44,70 @@ def prefill_tiling_for(device: torch.device, head_dim: int) -> PrefillTiling:
         return PrefillTiling(block_m=128, block_n=64, num_warps=4, num_stages=3)
     # Best of a sweep on an H200 (BENCHMARKS.md): 128x128 tiles beat 128x64 by ~20% at D 128.
     return PrefillTiling(block_m=128, block_n=128, num_warps=8, num_stages=3)
+
+
+# Split-K plan constants. The tiled grid is kept when it fills at least this share of one wave of
+# programs (512 new tokens of one sequence: 4 x 32 = 128 programs on 132 SMs, measured at 1.08x SDPA).
+TILED_MIN_WAVE_FILL = 0.6
+# Most splits of the cached part; more would cost more in partial outputs than they add in programs.
+MAX_PREFILL_SPLITS = 64
+# Block-table tiles (upper bound of the cached length) a split should at least cover.
+MIN_TILES_PER_PREFILL_SPLIT = 2
+
+
+class PrefillPlan(NamedTuple):
+    """Launch shape: `grouped` False runs the tiled kernel with `tiling`; True the split-K kernel."""
+
+    grouped: bool
+    tiling: PrefillTiling
+    num_splits: int = 1
+
+
+def split_prefill_tiling_for(device: torch.device, head_dim: int, rows: int) -> PrefillTiling:
+    """Tiles of the grouped kernel; `rows` = max new tokens x group: a tile is no taller than needed."""
+    if device.type != "cuda":  # interpreter: small tiles so that short test sequences span several
+        return PrefillTiling(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    block_m = min(128, max(16, triton.next_power_of_2(rows)))  # tl.dot wants at least 16 rows
+    block_n = 128 if head_dim <= 128 and block_m == 128 else 64
+    if block_m == 128:
+        return PrefillTiling(block_m=128, block_n=block_n, num_warps=8, num_stages=3)
+    return PrefillTiling(block_m=block_m, block_n=block_n, num_warps=4, num_stages=3 if block_m == 64 else 2)
+
+
+def split_programs_per_sm(block_m: int) -> int:
+    """Programs wanted per multiprocessor: a 128-row tile keeps an SM busy alone, short tiles need company."""
+    return min(8, max(2, 256 // block_m))
+
+
+def plan_prefix_prefill(
+    batch: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_query_len: int,
+    max_cached_len: int,
+    num_sms: int,
+    device: torch.device,
+    num_splits: int | None = None,
+) -> PrefillPlan:
+    """Tiled when the new tokens alone fill the chip; else grouped, with splits to fill it.
+
+    Host ints only: `max_cached_len` is an upper bound (the block table's capacity unless the caller
+    knows better) and only sets how many splits there are; each split's size follows the real cached
+    length inside the kernel. `num_splits` forces the grouped kernel with that count (tests, tuning).
+    """
+    tiled = prefill_tiling_for(device, head_dim)
+    tiled_programs = triton.cdiv(max_query_len, tiled.block_m) * num_q_heads * batch
+    group = num_q_heads // num_kv_heads
+    if num_splits is None and max_query_len >= tiled.block_m and tiled_programs >= TILED_MIN_WAVE_FILL * num_sms:
+        return PrefillPlan(False, tiled)
+    tiling = split_prefill_tiling_for(device, head_dim, max_query_len * group)
+    if num_splits is not None:
+        return PrefillPlan(True, tiling, num_splits)
+    row_tiles = triton.cdiv(max(1, max_query_len) * group, tiling.block_m)
+    wanted = triton.cdiv(split_programs_per_sm(tiling.block_m) * num_sms, row_tiles * num_kv_heads * max(1, batch))
+    most = triton.cdiv(max(1, triton.cdiv(max_cached_len, tiling.block_n)), MIN_TILES_PER_PREFILL_SPLIT)
+    return PrefillPlan(True, tiling, max(1, min(wanted, most, MAX_PREFILL_SPLITS)))
 
 
 @triton.jit
@@ -210,4 +284,227 @@ def launch_prefix_prefill(
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
     )
+    return out
+
+
+@triton.jit
+def _grouped_split_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, cu_seqlens_q_ptr, cached_lens_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_kcb, stride_kct, stride_kch,
+    stride_vcb, stride_vct, stride_vch,
+    stride_btb, stride_btn,
+    stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps,
+    stride_lt, stride_lh,
+    num_kv_heads,
+    num_splits,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1) % num_kv_heads
+    split = tl.program_id(1) // num_kv_heads
+    seq = tl.program_id(2)
+
+    seq_start = tl.load(cu_seqlens_q_ptr + seq)
+    num_new = tl.load(cu_seqlens_q_ptr + seq + 1) - seq_start
+    first_row = tile * BLOCK_M  # rows enumerate (new token, head of the group), token-major
+    if first_row >= num_new * GROUP:
+        return
+    cached_len = tl.load(cached_lens_ptr + seq)
+
+    rows = first_row + tl.arange(0, BLOCK_M)
+    tokens = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_ok = tokens < num_new
+    dims = tl.arange(0, HEAD_DIM)
+    token_rows = (seq_start + tokens).to(tl.int64)
+    q = tl.load(
+        q_ptr + token_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # This split's slice of the cached part, sized from the real length: equal whole tiles per split,
+    # so only the slice that holds the ragged end pays for a mask.
+    tiles_per_split = tl.cdiv(tl.cdiv(cached_len, BLOCK_N), num_splits)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, cached_len)
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_btb
+    kc_head = k_cache_ptr + kv_head * stride_kch
+    vc_head = v_cache_ptr + kv_head * stride_vch
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for tile_start in range(start, full_end, BLOCK_N):
+        acc, denom, row_max = _cached_tile(
+            acc, denom, row_max, q, kc_head, vc_head, bt_row, tile_start, end, dims, scale_log2,
+            stride_kcb, stride_kct, stride_vcb, stride_vct, stride_btn,
+            PAGE_SIZE, BLOCK_M, BLOCK_N, False, DOT_PRECISION,
+        )
+    if full_end < end:
+        acc, denom, row_max = _cached_tile(
+            acc, denom, row_max, q, kc_head, vc_head, bt_row, full_end, end, dims, scale_log2,
+            stride_kcb, stride_kct, stride_vcb, stride_vct, stride_btn,
+            PAGE_SIZE, BLOCK_M, BLOCK_N, True, DOT_PRECISION,
+        )
+
+    if split == num_splits - 1:
+        # New tokens, causally: keys before the tile's first token are visible to every row; from the
+        # tile of that token on, key <= the row's token and the sequence end apply.
+        first_token = first_row // GROUP
+        last_token = tl.minimum((first_row + BLOCK_M - 1) // GROUP, num_new - 1)
+        k_seq = k_ptr + seq_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+        v_seq = v_ptr + seq_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+        cols = tl.arange(0, BLOCK_N)
+        shared_end = first_token // BLOCK_N * BLOCK_N
+        for key_start in range(0, shared_end, BLOCK_N):
+            keys = key_start + cols
+            k = tl.load(k_seq + keys[:, None].to(tl.int64) * stride_kt + dims[None, :])
+            v = tl.load(v_seq + keys[:, None].to(tl.int64) * stride_vt + dims[None, :])
+            acc, denom, row_max = _online_softmax_step(
+                acc, denom, row_max, q, k, v, row_ok[:, None], scale_log2, False, DOT_PRECISION
+            )
+        for key_start in range(shared_end, last_token + 1, BLOCK_N):
+            keys = key_start + cols
+            key_ok = keys < num_new
+            k = tl.load(k_seq + keys[:, None].to(tl.int64) * stride_kt + dims[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_seq + keys[:, None].to(tl.int64) * stride_vt + dims[None, :], mask=key_ok[:, None], other=0.0)
+            keep = (keys[None, :] <= tokens[:, None]) & key_ok[None, :]
+            acc, denom, row_max = _online_softmax_step(
+                acc, denom, row_max, q, k, v, keep, scale_log2, True, DOT_PRECISION
+            )
+
+    # A split with nothing to read (past the cached part, or cut from a short one) leaves denom == 0:
+    # it writes zeros and a log-sum-exp of -inf, which the merge weighs as nothing.
+    nonempty = denom > 0.0
+    out = acc / tl.where(nonempty, denom, 1.0)[:, None]
+    if SINGLE_SPLIT:
+        tl.store(
+            out_ptr + token_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+    else:
+        tl.store(
+            part_out_ptr + token_rows[:, None] * stride_pt + heads[:, None] * stride_ph + split * stride_ps
+            + dims[None, :],
+            out,
+            mask=row_ok[:, None],
+        )
+        lse = tl.where(nonempty, row_max + tl.log2(tl.where(nonempty, denom, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + token_rows * stride_lt + heads * stride_lh + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _prefill_merge_kernel(
+    cu_seqlens_q_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+    stride_pt, stride_ph, stride_ps,
+    stride_lt, stride_lh,
+    stride_ot, stride_oh,
+    num_splits,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    index = tl.program_id(0)  # the token's index among its sequence's new tokens
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens_q_ptr + seq)
+    if index >= tl.load(cu_seqlens_q_ptr + seq + 1) - seq_start:
+        return  # only tokens of a sequence were written by the splits; others stay untouched
+    token = (seq_start + index).to(tl.int64)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < num_splits
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + token * stride_lt + head * stride_lh + splits, mask=split_ok, other=float("-inf"))
+    # The last split always sees at least the token itself, so the top log-sum-exp is finite.
+    weights = tl.exp2(lse - tl.max(lse, 0))
+    parts = tl.load(
+        part_out_ptr + token * stride_pt + head * stride_ph + splits[:, None] * stride_ps + dims[None, :],
+        mask=split_ok[:, None],
+        other=0.0,
+    )
+    merged = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, merged.to(out_ptr.dtype.element_ty))
+
+
+def launch_grouped_prefix_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cached_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    max_query_len: int,
+    tiling: PrefillTiling,
+    num_splits: int,
+) -> torch.Tensor:
+    """Runs the grouped split-K kernel (and the merge when there are several splits) into `out`."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    batch = cu_seqlens_q.shape[0] - 1
+    if num_tokens == 0 or batch == 0 or max_query_len == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    single = num_splits == 1
+    if single:
+        part_out = part_lse = out  # unused by the kernel; any tensor of the right device will do
+        p_strides: tuple[int, ...] = (0, 0, 0)
+        l_strides: tuple[int, ...] = (0, 0)
+    else:
+        part_out = torch.empty((num_tokens, num_q_heads, num_splits, head_dim), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((num_tokens, num_q_heads, num_splits), device=q.device, dtype=torch.float32)
+        p_strides, l_strides = part_out.stride()[:3], part_lse.stride()[:2]
+    grid = (triton.cdiv(max_query_len * group, tiling.block_m), num_kv_heads * num_splits, batch)
+    _grouped_split_prefill_kernel[grid](
+        q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, out, part_out, part_lse,
+        scale * 1.4426950408889634,  # log2(e): the kernels use exp2
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0), block_table.stride(1),
+        out.stride(0), out.stride(1),
+        *p_strides,
+        *l_strides,
+        num_kv_heads,
+        num_splits,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        BLOCK_M=tiling.block_m,
+        BLOCK_N=tiling.block_n,
+        SINGLE_SPLIT=single,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+    )
+    if not single:
+        _prefill_merge_kernel[(max_query_len, num_q_heads, batch)](
+            cu_seqlens_q, part_out, part_lse, out,
+            *p_strides,
+            *l_strides,
+            out.stride(0), out.stride(1),
+            num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+            num_warps=4,
+        )
     return out

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+import triton
 
 from kernels import reference
 
@@ -50,6 +51,9 @@ class PrefillCase:
     block_size: int
     new_lens: tuple[int, ...]
     cached_lens: tuple[int, ...]
+    num_splits: int | None = None  # None: the op chooses; a count forces the grouped split-K kernel
+    tight_cached_bound: bool = False  # pass max_cached_len = max(cached_lens) instead of the table's capacity
+    padding_tokens: int = 0  # packed rows past the last sequence (CUDA-graph padding): never written
 
 
 DECODE_CASES = [
@@ -66,6 +70,20 @@ PREFILL_CASES = [
     PrefillCase("gqa1-d128-bs32-fp32-mixed", torch.float32, 2, 2, 128, 32, (17, 40), (64, 0)),
     PrefillCase("gqa8-d128-bs32-fp16-cached", torch.float16, 8, 1, 128, 32, (33,), (95,)),
     PrefillCase("gqa8-d64-bs16-fp32-empty-seq", torch.float32, 8, 1, 64, 16, (3, 0, 18), (10, 7, 0)),
+]
+# Few new tokens after a long-ish cached prefix: the grouped split-K kernel (the plan picks it for
+# these on the interpreter's stand-in multiprocessor count; a test below holds it to that).
+SPLIT_PREFILL_CASES = [
+    PrefillCase("split-gqa4-d64-bs16-fp16-few-new", torch.float16, 8, 2, 64, 16, (3, 1, 5), (200, 0, 77)),
+    PrefillCase("split-gqa1-d128-bs32-fp32-ragged", torch.float32, 2, 2, 128, 32, (4, 0, 7, 1), (0, 50, 129, 96)),
+    PrefillCase("split-gqa8-d64-bs16-fp32-mixed", torch.float32, 8, 1, 64, 16, (2, 6, 1), (161, 0, 33)),
+    PrefillCase("split-gqa8-d64-bs16-fp16-tight-bound", torch.float16, 16, 2, 64, 16, (5, 3), (250, 18),
+                tight_cached_bound=True),
+    PrefillCase("split-gqa4-d64-bs16-fp32-padded", torch.float32, 4, 1, 64, 16, (2, 3), (90, 41), padding_tokens=3),
+    # More splits than the shorter prefix has tiles: the surplus splits are empty and must weigh nothing.
+    PrefillCase("split-gqa8-d64-bs16-fp32-forced-7", torch.float32, 8, 1, 64, 16, (6, 2), (150, 33), num_splits=7),
+    PrefillCase("split-gqa4-d64-bs16-fp16-forced-1", torch.float16, 8, 2, 64, 16, (9, 4), (70, 0), num_splits=1),
+    PrefillCase("split-gqa4-d64-bs16-fp32-no-cache", torch.float32, 4, 1, 64, 16, (7, 2), (0, 0), num_splits=3),
 ]
 
 
@@ -100,7 +118,7 @@ def decode_inputs(case: DecodeCase, gen: torch.Generator) -> dict[str, Any]:
 
 
 def prefill_inputs(case: PrefillCase, gen: torch.Generator) -> dict[str, Any]:
-    batch, tokens = len(case.new_lens), sum(case.new_lens)
+    batch, tokens = len(case.new_lens), sum(case.new_lens) + case.padding_tokens
     width = max(_cdiv(max(n, 1), case.block_size) for n in case.cached_lens) + 1
     num_blocks = batch * width + 3
     offsets = [0]
@@ -116,6 +134,8 @@ def prefill_inputs(case: PrefillCase, gen: torch.Generator) -> dict[str, Any]:
         "cu_seqlens_q": torch.tensor(offsets, dtype=torch.int32),
         "cached_lens": torch.tensor(case.cached_lens, dtype=torch.int32),
         "scale": case.head_dim**-0.5,
+        "num_splits": case.num_splits,
+        "max_cached_len": max(case.cached_lens) if case.tight_cached_bound else None,
     }
 
 
@@ -157,9 +177,14 @@ def run_op(ops: Any, op: str, inputs: dict[str, Any], poison: bool) -> dict[str,
                 out=out, **extra,
             )
         else:
+            extra = (
+                {"num_splits": inputs["num_splits"], "max_cached_len": inputs["max_cached_len"]}
+                if ops is not reference
+                else {}
+            )
             result = ops.prefix_prefill(
                 inputs["q"], inputs["k"], inputs["v"], k_cache, v_cache, inputs["block_table"],
-                inputs["cu_seqlens_q"], inputs["cached_lens"], inputs["scale"], out=out,
+                inputs["cu_seqlens_q"], inputs["cached_lens"], inputs["scale"], out=out, **extra,
             )
         assert out is None or result is out
         return {"out": result}
@@ -232,9 +257,10 @@ def decode_oracle(inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def prefill_oracle(inputs: dict[str, Any]) -> torch.Tensor:
+    """float64 attention for the rows of the sequences; padding rows past the last one are NaN."""
     pool, q = inputs["pool"], inputs["q"]
     cu = inputs["cu_seqlens_q"].tolist()
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float64)
     for b, cached in enumerate(inputs["cached_lens"].tolist()):
         s, e = cu[b], cu[b + 1]
         keys = torch.cat([gather_context(pool[:, LAYER, 0], inputs["block_table"][b], cached), inputs["k"][s:e]])
@@ -295,7 +321,7 @@ def cases(seed: int) -> dict[str, tuple[str, dict[str, Any]]]:
     built: dict[str, tuple[str, dict[str, Any]]] = {}
     for c in DECODE_CASES:
         built[c.name] = ("paged_decode", decode_inputs(c, gen))
-    for c in PREFILL_CASES:
+    for c in PREFILL_CASES + SPLIT_PREFILL_CASES:
         built[c.name] = ("prefix_prefill", prefill_inputs(c, gen))
     for name, (op, make) in MOVE_CASES.items():
         built[name] = (op, make(gen))
@@ -323,10 +349,17 @@ def test_triton_paged_decode_matches_float64_attention(case: DecodeCase, cases, 
     assert_attention_close(interpreted[case.name]["out"], decode_oracle(inputs), case.dtype, seed)
 
 
-@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: c.name)
+def assert_prefill_close(actual: torch.Tensor, inputs: dict[str, Any], dtype: torch.dtype, seed: int) -> None:
+    """The sequences' rows match float64; padding rows past the last sequence keep their NaN poison."""
+    real = int(inputs["cu_seqlens_q"][-1])
+    assert_attention_close(actual[:real], prefill_oracle(inputs)[:real], dtype, seed)
+    assert torch.isnan(actual[real:]).all(), f"padding rows past the last sequence were written; seed {seed}"
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES + SPLIT_PREFILL_CASES, ids=lambda c: c.name)
 def test_triton_prefix_prefill_matches_float64_attention(case: PrefillCase, cases, interpreted, seed: int) -> None:
     _, inputs = cases[case.name]
-    assert_attention_close(interpreted[case.name]["out"], prefill_oracle(inputs), case.dtype, seed)
+    assert_prefill_close(interpreted[case.name]["out"], inputs, case.dtype, seed)
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.name)
@@ -336,11 +369,11 @@ def test_reference_paged_decode_matches_float64_attention(case: DecodeCase, case
     assert_attention_close(out, decode_oracle(inputs), case.dtype, seed)
 
 
-@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", PREFILL_CASES + SPLIT_PREFILL_CASES, ids=lambda c: c.name)
 def test_reference_prefix_prefill_matches_float64_attention(case: PrefillCase, cases, seed: int) -> None:
     _, inputs = cases[case.name]
     out = run_op(reference, "prefix_prefill", inputs, poison=True)["out"]
-    assert_attention_close(out, prefill_oracle(inputs), case.dtype, seed)
+    assert_prefill_close(out, inputs, case.dtype, seed)
 
 
 def test_zero_context_rows_give_zeros_not_nan(cases, interpreted) -> None:
@@ -403,6 +436,54 @@ def test_split_plan_cuts_long_contexts_and_keeps_large_batches_whole() -> None:
         assert plan.tokens_per_split % 64 == 0 and 1 <= plan.num_splits <= 128
 
 
+def _prefill_plan_of(case: PrefillCase, inputs: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """The plan the op makes for an interpreted case (same host ints as the op uses)."""
+    from kernels.triton_decode import INTERPRETER_SMS
+    from kernels.triton_prefill import plan_prefix_prefill
+
+    bound = inputs["max_cached_len"]
+    if bound is None:
+        bound = inputs["block_table"].shape[1] * case.block_size
+    return plan_prefix_prefill(
+        len(case.new_lens), case.num_q_heads, case.num_kv_heads, case.head_dim, inputs["q"].shape[0], bound,
+        INTERPRETER_SMS, torch.device("cpu"), case.num_splits,
+    )
+
+
+def test_interpreted_prefill_cases_cover_both_kernels_and_several_splits(cases) -> None:
+    tiled = [_prefill_plan_of(c, cases[c.name][1]) for c in PREFILL_CASES]
+    split = {c.name: _prefill_plan_of(c, cases[c.name][1]) for c in SPLIT_PREFILL_CASES}
+    assert not any(p.grouped for p in tiled), tiled
+    assert all(p.grouped for p in split.values()), split
+    auto = [split[c.name] for c in SPLIT_PREFILL_CASES if c.num_splits is None]
+    assert all(p.num_splits > 1 for p in auto), auto
+
+
+def test_prefill_plan_splits_few_new_tokens_after_a_long_prefix_and_keeps_long_prefills_tiled() -> None:
+    from kernels.triton_prefill import MAX_PREFILL_SPLITS, plan_prefix_prefill
+
+    cuda, sms = torch.device("cuda"), 132  # no kernel runs: the plan is host arithmetic only
+
+    def plan(batch: int, new: int, cached: int):  # type: ignore[no-untyped-def]
+        return plan_prefix_prefill(batch, 32, 8, 128, new, cached, sms, cuda)
+
+    hit = plan(1, 64, 32768)  # the prefix-cache hit of issue 8: 64 new tokens after 32k cached
+    assert hit.grouped and hit.tiling.block_m == 128
+    programs = triton.cdiv(64 * 4, hit.tiling.block_m) * 8 * hit.num_splits
+    assert hit.num_splits >= 8 and programs >= sms, hit
+    assert plan(1, 1, 32768).grouped and plan(1, 1, 32768).tiling.block_m == 16  # one token: a decode-like tile
+    assert plan(8, 64, 8192).grouped  # a batch of small hits still shares K/V across the group
+    assert not plan(1, 512, 32768).grouped  # the long prefill keeps the tiled kernel (1.08x SDPA)
+    assert not plan(16, 4096, 0).grouped
+    assert plan(1, 64, 0).num_splits == 1  # nothing cached: nothing to split
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        batch, new, cached = (int(x) for x in torch.randint(1, 40000, (3,), generator=gen))
+        p = plan(batch % 64 + 1, new % 600 + 1, cached)
+        assert 1 <= p.num_splits <= MAX_PREFILL_SPLITS
+        assert p.grouped or p.num_splits == 1
+
+
 # ---- argument checks: these run before any launch, so no interpreter is needed ----
 
 
@@ -463,6 +544,10 @@ def test_prefix_prefill_rejects_mismatched_kv_and_offsets() -> None:
         triton_ops.prefix_prefill(q, kv[:9], kv, *common, cu, cached, 0.1)
     with pytest.raises(ValueError, match=r"prefix_prefill: cached_lens must be \[batch\] = \(2,\)"):
         triton_ops.prefix_prefill(q, kv, kv, *common, cu, cached[:1], 0.1)
+    with pytest.raises(ValueError, match=r"prefix_prefill: max_cached_len 17 must be in \[0, 16\]"):
+        triton_ops.prefix_prefill(q, kv, kv, *common, cu, cached, 0.1, max_cached_len=17)
+    with pytest.raises(ValueError, match="prefix_prefill: num_splits must be >= 1, got 0"):
+        triton_ops.prefix_prefill(q, kv, kv, *common, cu, cached, 0.1, num_splits=0)
 
 
 def test_copy_blocks_rejects_blocks_that_are_not_one_span() -> None:
