@@ -8,8 +8,11 @@
 - prefix_prefill: TFLOP/s for 512 new tokens after 2k/8k/32k cached tokens, against torch
   scaled_dot_product_attention on the same tokens (contiguous K/V, GQA expanded to 32 heads,
   bottom-right causal mask), whose output it must also match.
+- prefix-cache hit: 64 new tokens after 2k/8k/32k cached tokens (the split-K path): graph-replay and
+  eager time, cached-KV read bandwidth against the copy ceiling, the tiled kernel forced on the same
+  problem (what ran before split-K), SDPA on the same tokens, and a sweep of forced split counts.
 
-Usage: python3 scripts/bench_kernels.py [--sweep] [--out FILE]
+Usage: python3 scripts/bench_kernels.py [--sweep] [--skip-decode] [--out FILE]
 --sweep also times other tilings and split counts, to choose the defaults.
 Prints a markdown table; records the card, the date and the git commit (GIT_COMMIT or `git`).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import subprocess
 import sys
@@ -41,13 +45,19 @@ from kernels.triton_decode import (
     multiprocessor_count,
     plan_decode_splits,
 )
-from kernels.triton_prefill import PrefillTiling, launch_prefix_prefill, prefill_tiling_for
+from kernels.triton_prefill import (
+    PrefillTiling,
+    launch_prefix_prefill,
+    plan_prefix_prefill,
+    prefill_tiling_for,
+)
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 32, 8, 128, 16, 2
 DTYPE = torch.bfloat16
 SCALE = HEAD_DIM**-0.5
 DECODE_BATCHES, DECODE_CONTEXTS = (1, 8, 64), (1024, 8192, 32768)
 PREFILL_NEW, PREFILL_CACHED = 512, (2048, 8192, 32768)
+HIT_NEW, HIT_CACHED, HIT_SWEEP_SPLITS = 64, (2048, 8192, 32768), (4, 8, 16, 24, 32, 48, 64)
 DECODE_TARGET, PREFILL_TARGET = 0.70, 0.80
 
 
@@ -143,10 +153,10 @@ class DecodeProblem:
 
 
 class PrefillProblem:
-    """One sequence: PREFILL_NEW new tokens after `cached` tokens in scattered pool blocks."""
+    """One sequence: `new` new tokens after `cached` tokens in scattered pool blocks."""
 
-    def __init__(self, cached: int) -> None:
-        n = PREFILL_NEW
+    def __init__(self, cached: int, new: int = PREFILL_NEW) -> None:
+        n = new
         blocks = triton.cdiv(cached, BLOCK_SIZE)
         self.pool = torch.randn(blocks + 1, NUM_LAYERS, 2, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
         self.k_cache, self.v_cache = self.pool[:, 1, 0], self.pool[:, 1, 1]
@@ -157,7 +167,8 @@ class PrefillProblem:
         self.cu = torch.tensor([0, n], device="cuda", dtype=torch.int32)
         self.cached_lens = torch.tensor([cached], device="cuda", dtype=torch.int32)
         self.out = torch.empty_like(self.q)
-        self.cached = cached
+        self.cached, self.new = cached, n
+        self.kv_bytes = 2 * cached * NUM_KV_HEADS * HEAD_DIM * self.pool.element_size()  # cached K and V
         self.flops = 4 * HEAD_DIM * NUM_Q_HEADS * (n * cached + n * (n + 1) // 2)  # visible (q, k) pairs
         # SDPA's inputs: the same tokens, K/V gathered contiguous and expanded to the query heads.
         group = NUM_Q_HEADS // NUM_KV_HEADS
@@ -171,16 +182,16 @@ class PrefillProblem:
         self.sdpa_k, self.sdpa_v = full(self.k_cache, self.k), full(self.v_cache, self.v)
         self.sdpa_mask = causal_lower_right(n, cached + n)
 
-    def run(self) -> torch.Tensor:
+    def run(self, num_splits: int | None = None) -> torch.Tensor:
         return triton_ops.prefix_prefill(
             self.q, self.k, self.v, self.k_cache, self.v_cache, self.block_table, self.cu, self.cached_lens, SCALE,
-            out=self.out, max_query_len=PREFILL_NEW,
+            out=self.out, max_query_len=self.new, num_splits=num_splits,
         )
 
     def run_with(self, tiling: PrefillTiling) -> Callable[[], torch.Tensor]:
         return lambda: launch_prefix_prefill(
             self.q, self.k, self.v, self.k_cache, self.v_cache, self.block_table, self.cu, self.cached_lens, SCALE,
-            self.out, PREFILL_NEW, tiling,
+            self.out, self.new, tiling,
         )
 
     def sdpa(self) -> torch.Tensor:
@@ -237,6 +248,37 @@ def bench_prefill() -> list[str]:
     return rows
 
 
+def bench_prefill_hit(ceiling: float) -> list[str]:
+    rows = [
+        "| cached | new | path (splits) | graph µs | eager µs | KV GB/s (graph) | % of copy ceiling | x32 layers ms "
+        "| tiled kernel µs | SDPA µs | rel. err vs SDPA |",
+        "|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    sms = multiprocessor_count(torch.device("cuda"))
+    tiled = prefill_tiling_for(torch.device("cuda"), HEAD_DIM)
+    sweep_line = ""
+    for cached in HIT_CACHED:
+        p = PrefillProblem(cached, HIT_NEW)
+        err = p.error_vs_sdpa()
+        plan = plan_prefix_prefill(1, NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, HIT_NEW, cached, sms, p.q.device)
+        g_ms, e_ms = graph_ms(p.run), median_ms(p.run)
+        old_ms, sdpa_ms = graph_ms(p.run_with(tiled)), median_ms(p.sdpa)
+        gbs = p.kv_bytes / g_ms / 1e6
+        path = f"split-K ({plan.num_splits})" if plan.grouped else "tiled"
+        rows.append(
+            f"| {cached} | {HIT_NEW} | {path} | {g_ms * 1e3:.1f} | {e_ms * 1e3:.1f} | {gbs:.0f} | {gbs / ceiling:.0%} | "
+            f"{32 * g_ms:.2f} | {old_ms * 1e3:.1f} | {sdpa_ms * 1e3:.1f} | {err:.1e} |"
+        )
+        print(rows[-1], flush=True)
+        if cached == max(HIT_CACHED):
+            cells = [f"{n}: {graph_ms(functools.partial(p.run, n)) * 1e3:.1f}" for n in HIT_SWEEP_SPLITS]
+            sweep_line = f"hit {HIT_NEW} new after {cached} cached, graph µs by forced split count: " + ", ".join(cells)
+            print(sweep_line, flush=True)
+        del p
+        torch.cuda.empty_cache()
+    return [*rows, "", sweep_line]
+
+
 def sweep() -> list[str]:
     """Times candidate tilings and split densities; the defaults should be at or near the best."""
     lines = ["", "### Sweep (µs, graph replay for decode; ms for prefill)", ""]
@@ -290,6 +332,7 @@ def sweep() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time other tilings and split counts")
+    parser.add_argument("--skip-decode", action="store_true", help="leave out the decode table")
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -311,10 +354,13 @@ def main() -> None:
         "",
     ]
     print("\n".join(header), flush=True)
-    lines = header + bench_decode(ceiling)
+    lines = header + ([] if args.skip_decode else bench_decode(ceiling))
     lines += ["", "Prefix prefill: 512 new tokens, 32/8 heads, D 128, bf16, block 16; SDPA on contiguous K/V.", ""]
     print("\n".join(lines[-3:]), flush=True)
     lines += bench_prefill()
+    lines += ["", f"Prefix-cache hit: {HIT_NEW} new tokens; GB/s = cached K+V bytes / graph-replay time.", ""]
+    print("\n".join(lines[-3:]), flush=True)
+    lines += bench_prefill_hit(ceiling)
     if args.sweep:
         lines += sweep()
     text = "\n".join(lines) + "\n"

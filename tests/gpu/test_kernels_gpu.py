@@ -1,7 +1,8 @@
 """On the GPU, at a real model's sizes (Llama-3-8B: 32 query heads, 8 KV heads, head_dim 128), the
 Triton kernels in bf16 and fp16 compute what float64 attention over the gathered blocks says.
 
-Contexts reach 32k tokens; block sizes 16/32/64; the caches are strided views of a two-layer
+Contexts reach 32k tokens; prefix prefill from 1 to 512 new tokens after 2k-32k cached (split-K
+and tiled); block sizes 16/32/64; the caches are strided views of a two-layer
 page-first pool; outputs are NaN-poisoned before each run; inputs are fresh random every run.
 """
 
@@ -156,6 +157,91 @@ def test_prefix_prefill_matches_float64_with_mixed_cached_prefixes(dtype: torch.
         values = torch.cat([_gather(pool[:, LAYER, 1], table[b], c), v[s : s + n]])
         expected[s : s + n] = _attention_f64(q[s : s + n], keys, values, c)
     _assert_close(out, expected, dtype, seed)
+
+
+def _prefill_inputs(new_lens: list[int], dtype: torch.dtype, g: torch.Generator) -> dict[str, torch.Tensor]:
+    tokens = sum(new_lens)
+    return {
+        "q": torch.randn(tokens, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=dtype, generator=g),
+        "k": torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype, generator=g),
+        "v": torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype, generator=g),
+        "cu": torch.tensor([0, *torch.tensor(new_lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32),
+    }
+
+
+def _prefill_oracle(x: dict[str, torch.Tensor], pool, table, new_lens, cached_lens) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    expected = torch.empty(x["q"].shape, device="cuda", dtype=torch.float64)
+    for b, (n, c) in enumerate(zip(new_lens, cached_lens, strict=True)):
+        s = int(x["cu"][b])
+        keys = torch.cat([_gather(pool[:, LAYER, 0], table[b], c), x["k"][s : s + n]])
+        values = torch.cat([_gather(pool[:, LAYER, 1], table[b], c), x["v"][s : s + n]])
+        expected[s : s + n] = _attention_f64(x["q"][s : s + n], keys, values, c)
+    return expected
+
+
+def _run_prefill(x, pool, table, cached_lens, max_query_len, **bounds) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    out = torch.full_like(x["q"], float("nan"))
+    triton_ops.prefix_prefill(
+        x["q"], x["k"], x["v"], pool[:, LAYER, 0], pool[:, LAYER, 1], table, x["cu"],
+        torch.tensor(cached_lens, device="cuda", dtype=torch.int32), HEAD_DIM**-0.5,
+        out=out, max_query_len=max_query_len, **bounds,
+    )
+    return out
+
+
+@pytest.mark.parametrize("new", [1, 7, 64, 200, 512])
+@pytest.mark.parametrize("cached", [2048, 8192, 32768])
+def test_prefix_prefill_few_new_tokens_after_a_long_prefix_match_float64(cached: int, new: int, gen: Any) -> None:
+    """The prefix-cache hit: 1..512 new tokens after 2k/8k/32k cached ones (split-K below 512)."""
+    g, seed = gen
+    dtype = torch.bfloat16
+    # The block table holds twice the cached length: with no bound given, the splits are planned for
+    # the table's capacity and must still cover exactly the real cached length.
+    pool, table = _pool_and_table([2 * cached], 16, dtype, g)
+    x = _prefill_inputs([new], dtype, g)
+    expected = _prefill_oracle(x, pool, table, [new], [cached])
+    _assert_close(_run_prefill(x, pool, table, [cached], new), expected, dtype, seed)
+    _assert_close(_run_prefill(x, pool, table, [cached], new, max_cached_len=cached), expected, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefix_prefill_split_k_ragged_batch_mixing_cached_and_uncached(dtype: torch.dtype, gen: Any) -> None:
+    g, seed = gen
+    new_lens = [64, 1, 17, 0, 100, 33]
+    cached_lens = [32768 - 5, 8000, 0, 100, 2047, 0]  # long, ragged, none; an empty sequence between
+    pool, table = _pool_and_table(cached_lens, 32, dtype, g)
+    x = _prefill_inputs(new_lens, dtype, g)
+    expected = _prefill_oracle(x, pool, table, new_lens, cached_lens)
+    _assert_close(_run_prefill(x, pool, table, cached_lens, max(new_lens)), expected, dtype, seed)
+
+
+def test_prefix_prefill_split_k_replays_in_a_cuda_graph(gen: Any) -> None:
+    g, seed = gen
+    dtype, new_lens = torch.bfloat16, [64, 5]
+    pool, table = _pool_and_table([16384, 16384], 16, dtype, g)
+    x = _prefill_inputs(new_lens, dtype, g)
+    cached = torch.tensor([9000, 40], device="cuda", dtype=torch.int32)
+    out = torch.full_like(x["q"], float("nan"))
+
+    def step() -> None:
+        triton_ops.prefix_prefill(
+            x["q"], x["k"], x["v"], pool[:, LAYER, 0], pool[:, LAYER, 1], table, x["cu"], cached, HEAD_DIM**-0.5,
+            out=out, max_query_len=64, max_cached_len=16384,
+        )
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    # New inputs in the same buffers (the cached lengths included): the replay must read them.
+    new_cached = [16384 - 3, 3000]
+    for name in ("q", "k", "v"):
+        x[name].copy_(torch.randn(x[name].shape, device="cuda", dtype=dtype, generator=g))
+    cached.copy_(torch.tensor(new_cached, dtype=torch.int32))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_close(out, _prefill_oracle(x, pool, table, new_lens, new_cached), dtype, seed)
 
 
 def test_write_kv_fills_exactly_the_mapped_slots(gen: Any) -> None:
