@@ -66,13 +66,35 @@ class TieredStore:
 
     # --- lookup -------------------------------------------------------------------------
     def match(self, root: bytes, hashes: list[bytes], token_ids: list[int], max_blocks: int) -> PrefixMatch:
+        """Longest verified prefix; its blocks come back acquired once for the caller.
+
+        Three passes, so that no demotion runs while CPU-tier slots are being read: count how far
+        the chain reaches in any tier, allocate every pool block the lower-tier part needs (which
+        may demote evicted blocks into the CPU tier), then verify each block and queue its copy.
+        """
         bs = self.block_size
+        hashes = hashes[:max_blocks]
+        eligible = self._eligible()
+        reach = 0
+        to_load = 0
+        for h in hashes:
+            if h in self.pool.by_hash:
+                reach += 1
+            elif any(t.contains(h) for t in eligible):
+                reach += 1
+                to_load += 1
+            else:
+                break
+        # Blocks of the chain already in the pool must not be evicted by the allocations below.
+        resident = [self.pool.by_hash[h] for h in hashes[:reach] if h in self.pool.by_hash]
+        for block in resident:
+            self.pool.acquire(block)
+        fresh = [self.pool.allocate() for _ in range(min(to_load, self.pool.num_free))]
         blocks: list[int] = []
         by_tier: Counter[str] = Counter()
         parent = root
         now = time.time()
-        eligible = self._eligible()
-        for i, h in enumerate(hashes[:max_blocks]):
+        for i, h in enumerate(hashes[:reach]):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             block = self.pool.lookup(h, parent, toks)
             if block is not None:
@@ -81,21 +103,18 @@ class TieredStore:
                 self.pool.last_use[block] = now
                 by_tier[GPU] += bs
             else:
-                if self.pool.num_free == 0 or not any(t.contains(h) for t in eligible):
-                    break
-                # Allocate before reading: the allocation may demote a pool block into the CPU
-                # tier, which must not reuse a slot we are about to copy from.
-                block = self.pool.allocate()
-                found = self._find_lower(h, parent, toks, eligible)
+                found = self._find_lower(h, parent, toks, eligible) if fresh else None
                 if found is None:
-                    self.pool.release(block)
                     break
                 entry, tier_name = found
+                block = fresh.pop()
                 self._copy_in(block, entry, tier_name)
                 self.pool.register(block, BlockIdentity(h, parent, toks, i))
                 by_tier[tier_name] += bs
             blocks.append(block)
             parent = h
+        for block in fresh + resident:
+            self.pool.release(block)
         self._issue_copies()
         if self._loads_pending and self.load_stream is not None:
             # The compute stream waits for the copies; the host does not.
@@ -162,10 +181,19 @@ class TieredStore:
         if self._loads_pending and self.load_stream is not None:
             self.load_stream.synchronize()  # a put may reuse a slot a pending load reads from
             self._loads_pending = False
-        entry = BlockEntry(ident.hash, ident.parent, ident.token_ids, self.pool.kv[block].to("cpu", copy=True))
+        view = self.pool.kv[block]
+        host_copy: torch.Tensor | None = None
         for tier in only or self.tiers:
-            put = getattr(tier, "put_async", tier.put)
-            if put(entry):
+            put_async = getattr(tier, "put_async", None)
+            if put_async is None:
+                # the CPU tier copies straight from the device into its pinned slot
+                ok = tier.put(BlockEntry(ident.hash, ident.parent, ident.token_ids, view))
+            else:
+                # queued writers encode later: they get a copy of their own
+                if host_copy is None:
+                    host_copy = view.to("cpu", copy=True)
+                ok = put_async(BlockEntry(ident.hash, ident.parent, ident.token_ids, host_copy))
+            if ok:
                 self.counters.transfers[(GPU, tier.name)] += self.pool.block_bytes
             if self.policy == "write_back" and not everywhere and only is None:
                 break
