@@ -197,3 +197,57 @@ def async_client(server: ServerProcess, key: str = ALICE_KEY) -> Any:
     import openai
 
     return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+# A pool this small (16-token blocks) is filled by a handful of requests, and with no CPU or disk tier an
+# evicted block is really gone: what pin, evict and pressure tests need.
+SMALL_POOL_BLOCKS = 48
+
+
+@pytest.fixture(scope="session")
+def small_pool_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A real server with a 48-block KV pool and no lower tiers; tenants alice and bob, an admin key."""
+    data_dir = tmp_path_factory.mktemp("small-pool-server")
+    srv = start_server(
+        [
+            "--model", str(tiny_model_dir),
+            "--served-model-name", SERVED_MODEL,
+            "--api-key", f"{ALICE_KEY}=alice",
+            "--api-key", f"{BOB_KEY}=bob",
+            "--admin-key", ADMIN_KEY,
+            "--num-kv-blocks", str(SMALL_POOL_BLOCKS),
+            "--max-num-batched-tokens", "256",
+            "--max-model-len", "640",
+            "--cpu-cache-bytes", "0",
+            "--no-disk-cache-enabled",
+        ],
+        data_dir,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    yield srv
+    stop_server(srv)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Runs `cacheproxy ARGV` in this process; returns the exit status, stdout and stderr.
+
+    main() configures logging for the whole process, bound to the stderr of the moment (here capsys's,
+    closed after the test), so the configuration of before is put back for the tests that follow."""
+    import logging
+
+    import structlog
+
+    from cacheproxy.cli import main
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, list(root.handlers)
+    capsys.readouterr()  # drop what came before
+    try:
+        code = main(list(argv))
+    finally:
+        structlog.configure(**saved)
+        root.setLevel(root_level)
+        root.handlers[:] = root_handlers
+    out, err = capsys.readouterr()
+    return code, out, err
