@@ -113,8 +113,11 @@ def test_graph_replayed_prefill_matches_eager(models: dict[str, Path], tmp_path:
         assert (a - b).abs().max().item() < 0.02 * b.abs().max().item(), n
 
 
-def test_tier_round_trip_on_cuda_with_pinned_cpu_tier(models: dict[str, Path], tmp_path: Path) -> None:
-    engine = _engine(models["llama"], tmp_path, cpu_cache_bytes=64 << 20, disk_cache_enabled=True,
+def test_tier_round_trip_on_cuda_with_pinned_cpu_tier(tmp_path: Path) -> None:
+    # Peaked logits: the cold prefill and the hits run different kernels (full prefill vs split-K
+    # over the cached part), so bf16 rounding differs; near-ties must not decide the comparison.
+    model = make_tiny_model(tmp_path / "peaked", "llama", seed=11, init_std=0.15, **SHAPE)
+    engine = _engine(model, tmp_path, cpu_cache_bytes=64 << 20, disk_cache_enabled=True,
                      disk_cache_bytes=256 << 20, cost_model=False)  # fmt: skip
     prompt = _prompts(3, [500])[0]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -138,12 +141,13 @@ def test_tier_round_trip_on_cuda_with_pinned_cpu_tier(models: dict[str, Path], t
     assert engine.store.load_stream is not None  # copies ran on the side stream
     cpu_tier = engine.store.tiers[0]
     assert cpu_tier._slab is not None and cpu_tier._slab.is_pinned()  # type: ignore[attr-defined]
-    assert cold == gpu == cpu
+    assert gpu == cpu  # the same KV, bit for bit, whichever tier it came from
+    assert cold == gpu
     engine.shutdown()
-    again = _engine(models["llama"], tmp_path, cpu_cache_bytes=64 << 20, disk_cache_enabled=True,
+    again = _engine(model, tmp_path, cpu_cache_bytes=64 << 20, disk_cache_enabled=True,
                     disk_cache_bytes=256 << 20, cost_model=False)  # fmt: skip
     engine = again
     disk, t_disk = run("disk")
     assert t_disk == {"disk": 496}
-    assert disk == cold
+    assert disk == gpu
     engine.shutdown()
