@@ -64,6 +64,47 @@ def _entries(hasher: BlockHasher, n: int) -> list[BlockEntry]:
     return out
 
 
+def _ttft_rows(n_tokens: int, where: Path | None) -> list[tuple[str, str]]:
+    """Time to first token of the built-in tiny model on this machine: cold, then with the
+    prompt's prefix only in the pool, only in the CPU tier, and only on disk after a restart."""
+    from cacheproxy.config import Settings
+    from cacheproxy.engine.engine import LLMEngine
+    from cacheproxy.engine.request import GenerationRequest, SamplingParams
+    from cacheproxy.engine.tiny_model import make_tiny_model
+
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        model = make_tiny_model(Path(tmp) / "tiny", "llama")
+        settings = Settings(
+            model=str(model), data_dir=Path(tmp), device="cpu", cost_model=False,
+            max_num_batched_tokens=4096, cpu_cache_bytes=256 << 20, disk_cache_bytes=1 << 30,
+        )  # fmt: skip
+        rng = np.random.default_rng(1)
+        prompt = rng.integers(5, 2000, size=n_tokens).tolist()
+
+        def ttft(engine: LLMEngine, rid: str, ids: list[int]) -> tuple[float, dict[str, int]]:
+            start = time.perf_counter()
+            engine.add_request(GenerationRequest(rid, ids, SamplingParams(max_tokens=1, temperature=0.0)))
+            outs = []
+            while not outs:
+                outs = engine.step()
+            return time.perf_counter() - start, outs[0].cached_tokens_by_tier
+
+        engine = LLMEngine.from_settings(settings)
+        ttft(engine, "warm-up", rng.integers(5, 2000, size=n_tokens).tolist())
+        results = [("cold", *ttft(engine, "cold", prompt))]
+        results.append(("GPU-tier (pool) hit", *ttft(engine, "pool", prompt)))
+        engine.store.evict_gpu()
+        results.append(("CPU-tier hit", *ttft(engine, "cpu", prompt)))
+        engine.shutdown()
+        engine = LLMEngine.from_settings(settings)  # a restart: only the disk holds the prefix
+        results.append(("disk-tier hit after restart", *ttft(engine, "disk", prompt)))
+        engine.shutdown()
+    for name, seconds, tiers in results:
+        rows.append((f"TTFT tiny model, {n_tokens} tokens, {name}", f"{seconds * 1e3:.1f} ms  cached {tiers or '-'}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,6 +117,9 @@ def main() -> None:
         type=int,
         default=1,
         help="torch intra-op threads; on a small shared CPU more threads make block copies slower",
+    )
+    parser.add_argument(
+        "--ttft-tokens", type=int, default=2048, help="prompt length of the tiny-model TTFT rows (0: skip)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -178,6 +222,10 @@ def main() -> None:
         (f"raw file write+fsync, {half} blocks (reference)", f"{len(raw) / t_raw / 1e9:.2f} GB/s"),
         ("disk stats", f"puts={stats.puts} hits={stats.hits} skipped={stats.writes_skipped}"),
     ]
+
+    # --- TTFT on the tiny model: cold, and the prefix held in each tier -------------------
+    if args.ttft_tokens:
+        rows += _ttft_rows(args.ttft_tokens, args.dir)
 
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
