@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from cacheproxy.cache import hashing
 from cacheproxy.cache.hashing import BlockHasher, Namespace
 
 BLOCK = 16
@@ -122,6 +125,7 @@ def test_token_ids_outside_int32_are_refused(hasher: BlockHasher) -> None:
 
 _HASH_IN_CHILD = """
 import sys
+from cacheproxy.cache import hashing
 from cacheproxy.cache.hashing import BlockHasher, Namespace
 ns = Namespace(model_fingerprint=b"weights-digest", kv_dtype="bfloat16", block_size=16)
 print(",".join(h.hex() for h in BlockHasher(ns, seed=1234).hash_blocks(list(range(40)), salt="tenant")))
@@ -147,3 +151,94 @@ def test_known_chain_value_is_stable(hasher: BlockHasher) -> None:
         "5aa9808d7ef99a47a647f9e68b422eb8",
         "35031ffd3346fc49c535f36767e87101",
     ]
+
+
+# --- the C chain ------------------------------------------------------------------------------
+
+_C_BUILT = importlib.util.find_spec("cacheproxy.cache._hashchain") is not None
+needs_c_chain = pytest.mark.skipif(not _C_BUILT, reason="cacheproxy.cache._hashchain is not built here")
+
+
+def test_the_c_chain_is_built_where_its_header_and_a_compiler_are() -> None:
+    # setup.py declares the extension optional, so a failed build would otherwise go unnoticed and
+    # every prompt would be hashed by the slow loop; scripts/setup.sh installs libxxhash-dev.
+    if not (os.path.exists("/usr/include/xxhash.h") and shutil.which("cc")):
+        pytest.skip("no xxhash.h or no C compiler on this machine")
+    assert _C_BUILT
+
+
+@needs_c_chain
+def test_the_c_chain_is_in_use_when_it_is_built() -> None:
+    from cacheproxy.cache import _hashchain
+
+    assert hashing.CHAIN_IN_C
+    assert hashing._chain_in_c is _hashchain.chain
+
+
+@needs_c_chain
+@pytest.mark.parametrize("block_size", [1, 3, 16, 64, 257])
+def test_the_c_and_python_chains_give_the_same_bytes(block_size: int) -> None:
+    rng = np.random.default_rng(block_size)
+    for seed in (0, 1, 1234, 2**64 - 1, int(rng.integers(0, 2**63))):
+        root = rng.bytes(16)
+        for n_blocks in (0, 1, 2, 7, 40):
+            # Full blocks, then a partial block of every kind: none, one id, all but one id.
+            for extra in {0, 1, block_size - 1}:
+                ids = rng.integers(-(2**31), 2**31, size=n_blocks * block_size + extra).astype("<i4")
+                expected = hashing._chain_in_python(ids, block_size, root, seed)
+                assert len(expected) == len(ids) // block_size
+                assert hashing._chain_in_c(ids, block_size, root, seed) == expected
+                assert hashing._chain_in_c(ids.tobytes(), block_size, root, seed) == expected
+                assert hashing._chain_in_c(ids.tolist(), block_size, root, seed) == expected
+                assert hashing._chain_in_c(tuple(ids.tolist()), block_size, root, seed) == expected
+
+
+@needs_c_chain
+def test_block_hasher_gives_the_same_hashes_with_and_without_the_c_chain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(7)
+    cases = []
+    for block_size in (1, 16, 32):
+        hasher = BlockHasher(dataclasses.replace(NAMESPACE, block_size=block_size), seed=99)
+        for salt in ("", "tenant-a"):
+            for parent in (None, rng.bytes(16)):
+                ids = rng.integers(0, 128_000, size=int(rng.integers(0, 50 * block_size))).tolist()
+                cases.append((hasher, ids, salt, parent))
+    with_c = [
+        [h.hash_blocks(form, salt=s, parent=p) for form in (ids, np.asarray(ids, dtype=np.int64))]
+        for h, ids, s, p in cases
+    ]
+    monkeypatch.setattr(hashing, "_chain_in_c", None)
+    for (h, ids, s, p), results in zip(cases, with_c, strict=True):
+        assert results == [h.hash_blocks(ids, salt=s, parent=p)] * 2
+
+
+def test_a_strided_array_hashes_like_its_copy(hasher: BlockHasher) -> None:
+    ids = np.asarray(_ids(8 * BLOCK), dtype="<i4")
+    strided = ids[::2]
+    assert not strided.flags.c_contiguous
+    assert (
+        hasher.hash_blocks(strided)
+        == hasher.hash_blocks(strided.copy())
+        == hasher.hash_blocks(strided.tolist())
+    )
+
+
+@needs_c_chain
+def test_the_c_chain_refuses_what_the_python_path_refuses() -> None:
+    root = bytes(16)
+    with pytest.raises(OverflowError):
+        hashing._chain_in_c([0, -(2**31) - 1], 1, root, 0)
+    with pytest.raises(OverflowError):
+        hashing._chain_in_c([2**70], 1, root, 0)
+    with pytest.raises(TypeError):
+        hashing._chain_in_c([1.5], 1, root, 0)
+    with pytest.raises(ValueError):
+        hashing._chain_in_c(b"\0" * 6, 1, root, 0)  # not whole int32 ids
+    with pytest.raises(ValueError):
+        hashing._chain_in_c(b"", 1, bytes(15), 0)
+    with pytest.raises(ValueError):
+        hashing._chain_in_c(b"", 0, root, 0)
+    with pytest.raises(OverflowError):
+        hashing._chain_in_c(b"", 1, root, 2**64)

@@ -4,6 +4,9 @@
 A block's hash therefore names its whole prefix, so "the longest cached prefix" is the longest run of
 leading hashes a tier holds. Digests are 16 raw bytes; they are equal across processes, restarts and
 machines (never Python's `hash()`). Only full blocks are hashed: a partial last block has no hash.
+
+The chain runs in C (`_hashchain`, built from `_hashchain.c` when xxhash.h and a compiler are present,
+GIL released) or, without it, in a Python loop; both give the same bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from functools import lru_cache
 
 import numpy as np
 import xxhash
+
+try:
+    from cacheproxy.cache._hashchain import chain as _chain_in_c
+except ImportError:  # built only where xxhash.h and a compiler were present: setup.py
+    _chain_in_c = None
 
 HASH_BYTES = 16
 # Bump when the bytes a block hash covers, or the KV layout those hashes name, change: old disk
@@ -81,7 +89,28 @@ def _as_int32_le(token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         ids = np.fromiter(token_ids, dtype="<i4", count=len(token_ids))
     if ids.ndim != 1:
         raise ValueError(f"token ids must be 1-D, got shape {ids.shape}")
-    return ids
+    # The C chain reads the array's memory directly, which must then be one contiguous run.
+    return np.ascontiguousarray(ids)
+
+
+def _chain_in_python(data: bytes | np.ndarray, block_size: int, root: bytes, seed: int) -> list[bytes]:
+    """The chain over int32-LE ids `data` from `root`: the fallback of, and the oracle for, the C one."""
+    data = bytes(data)
+    step = 4 * block_size
+    end = (len(data) // step) * step
+    # The chain is sequential, so this loop is the cost floor in Python: keep its body to one
+    # slice, one concatenation and one hash call.
+    digest, h = xxhash.xxh3_128_digest, root
+    out: list[bytes] = []
+    append = out.append
+    for off in range(0, end, step):
+        h = digest(h + data[off : off + step], seed)
+        append(h)
+    return out
+
+
+# Same signature and bytes either way; the C one also takes a list or tuple of ints as `data`.
+CHAIN_IN_C = _chain_in_c is not None
 
 
 class BlockHasher:
@@ -126,22 +155,13 @@ class BlockHasher:
         """Hashes of every full block of `token_ids`; a partial last block is left out.
 
         The chain starts at `root(salt)`, or continues from `parent` when given (extending a
-        chain by several blocks). Passing a numpy int32 array skips the list conversion, which
-        costs more than the hashing itself for long prompts.
+        chain by several blocks). A numpy int32 array is hashed in place; a list or tuple goes to
+        the C chain as it is (it packs the ids faster than numpy can convert them).
         """
-        ids = _as_int32_le(token_ids)
-        step = 4 * self.block_size
-        end = (len(ids) // self.block_size) * step
-        data = ids.tobytes()
         h = self.root(salt) if parent is None else parent
         if len(h) != HASH_BYTES:
             raise ValueError(f"parent hash must be {HASH_BYTES} bytes, got {len(h)}")
-        # The chain is sequential, so this loop is the cost floor in Python: keep its body to one
-        # slice, one concatenation and one hash call.
-        digest, seed = xxhash.xxh3_128_digest, self.seed
-        out: list[bytes] = []
-        append = out.append
-        for off in range(0, end, step):
-            h = digest(h + data[off : off + step], seed)
-            append(h)
-        return out
+        if _chain_in_c is None:
+            return _chain_in_python(_as_int32_le(token_ids), self.block_size, h, self.seed)
+        ids = token_ids if isinstance(token_ids, list | tuple) else _as_int32_le(token_ids)
+        return _chain_in_c(ids, self.block_size, h, self.seed)
