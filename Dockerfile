@@ -16,11 +16,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     CACHEPROXY_DATA_DIR=/data \
     CACHEPROXY_LOG_JSON=true
 
+# A compiler and xxhash.h build the C hash chain (cacheproxy/cache/_hashchain.c); without them the
+# package still installs and hashes in Python, slower.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential libxxhash-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/cacheproxy
 COPY . .
 # Non-editable install of the package with the Redis client; torch is already satisfied by the base.
 RUN python -m pip install ".[redis,triton]" \
-    && python -c "import cacheproxy.cli, redis, triton, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    && python -c "import cacheproxy.cli, cacheproxy.cache._hashchain, redis, triton, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # An unprivileged user owns the data dir (the named volume is initialised from it).
 RUN useradd --create-home --uid 1000 cacheproxy \
