@@ -186,3 +186,23 @@ def test_pins_expire(models: dict[str, Path], tmp_path: Path) -> None:
     _run(engine, "b", _prompt(61, 20), n=2)  # a step expires the pin
     assert all(x["pinned_until"] is None for x in engine.cache_entries())
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_identical_blocks_of_concurrent_requests_end_up_shared(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path, cpu_cache_bytes=0, disk_cache_enabled=False)
+    prompt = _prompt(70, 80)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for rid in ("a", "b"):  # admitted in the same step: neither can hit the other's blocks yet
+        engine.add_request(GenerationRequest(rid, prompt, params))
+    engine.step()
+    a, b = engine.seqs["a"], engine.seqs["b"]
+    assert a.cached_tokens == b.cached_tokens == 0
+    # once published, the second copy of each full block is dropped for the first one
+    assert a.block_table[:5] == b.block_table[:5]
+    assert all(engine.pool.ref_counts[blk] == 2 for blk in a.block_table[:5])
+    outs: dict[str, list[int]] = {"a": [], "b": []}
+    while engine.has_work():
+        for o in engine.step():
+            outs[o.request_id] += o.token_ids
+    assert outs["a"] == outs["b"] and len(outs["a"]) == 23
+    assert engine.pool.num_free == engine.pool.num_blocks

@@ -156,15 +156,23 @@ class TieredStore:
         self._loads_pending = True
 
     # --- filling and movement ------------------------------------------------------------
-    def register(self, block: int, ident: BlockIdentity) -> None:
-        """Publishes a block whose K/V were just computed. The shared (remote) tier gets every
-        block at once whatever the policy: other replicas can only hit what was written there."""
+    def register(self, block: int, ident: BlockIdentity) -> int:
+        """Publishes a block whose K/V were just computed; returns the block the sequence should
+        keep. When a concurrent request already published the same block, that one is shared and
+        ours goes back to the pool. The shared (remote) tier gets every block at once whatever the
+        policy: other replicas can only hit what was written there."""
         if not self.pool.register(block, ident):
-            return
+            existing = self.pool.lookup(ident.hash, ident.parent, ident.token_ids)
+            if existing is None or existing == block:
+                return block
+            self.pool.acquire(existing)
+            self.pool.release(block)
+            return existing
         if self.policy == "write_through":
             self._write_down(block, ident)
         elif self._shared_tiers:
             self._write_down(block, ident, only=self._shared_tiers)
+        return block
 
     def _demote(self, block: int, ident: BlockIdentity) -> None:
         if self.policy == "write_back":

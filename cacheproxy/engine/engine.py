@@ -273,7 +273,8 @@ class LLMEngine:
             toks = tuple(seq.token_ids(i * bs, (i + 1) * bs))
             if i >= len(seq.block_hashes):
                 seq.block_hashes.append(self.hasher.next_hash(parent, toks))
-            self.store.register(seq.block_table[i], BlockIdentity(seq.block_hashes[i], parent, toks, i))
+            ident = BlockIdentity(seq.block_hashes[i], parent, toks, i)
+            seq.block_table[i] = self.store.register(seq.block_table[i], ident)
         seq.num_registered = max(seq.num_registered, full)
 
     def _logprob(self, token: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
