@@ -109,6 +109,8 @@ class TieredStore:
                 entry, tier_name = found
                 block = fresh.pop()
                 self._copy_in(block, entry, tier_name)
+                if len(self._pending_copies) >= 64:
+                    self._issue_copies()  # the DMA starts while the rest of the chain is checked
                 self.pool.register(block, BlockIdentity(h, parent, toks, i))
                 by_tier[tier_name] += bs
             blocks.append(block)

@@ -40,16 +40,16 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q/k: [T, H, D]
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the step's tokens, [T, 1, head_dim] in the model's dtype: computed once
+        per forward pass and shared by every layer."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return torch.cat([cos, cos], -1).to(dtype), torch.cat([sin, sin], -1).to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # In x's dtype, as the reference implementation does, so half-precision rounding matches too.
-    c = torch.cat([cos, cos], -1).to(x.dtype)
-    s = torch.cat([sin, sin], -1).to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated in x's dtype, as the reference implementation does, so half-precision
+    rounding matches too."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * c + torch.cat([-x2, x1], -1) * s
+    return x * cos + torch.cat([-x2, x1], -1) * sin
