@@ -18,7 +18,6 @@ import torch
 from cacheproxy.cache.block_entry import BlockEntry
 from cacheproxy.cache.cpu_tier import CpuTier
 from cacheproxy.cache.disk_tier import DiskTier
-from cacheproxy.cache.hashing import BlockHasher
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.config import Settings
 from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
@@ -43,13 +42,11 @@ class TieredStore:
     def __init__(
         self,
         pool: BlockPool,
-        hasher: BlockHasher,
         lower_tiers: list[KVTier] | None = None,
         policy: str = "write_back",
         worth_loading: dict[str, bool] | None = None,
     ) -> None:
         self.pool = pool
-        self.hasher = hasher
         self.block_size = pool.block_size
         self.tiers = list(lower_tiers or [])
         self.policy = policy

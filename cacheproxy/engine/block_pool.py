@@ -102,10 +102,6 @@ class BlockPool:
         self.last_use[block] = time.time()
         return True
 
-    def touch(self, block: int) -> None:
-        if block in self.free:
-            self.free.move_to_end(block)
-
     def evict(self, block_hash: bytes | None = None) -> int:
         """Drops cached, unreferenced blocks (one hash, or all); returns how many."""
         targets = [self.by_hash[block_hash]] if block_hash in self.by_hash else []

@@ -97,7 +97,7 @@ class LLMEngine:
         self.hasher = BlockHasher(namespace, settings.hash_seed)
         if lower_tiers is None:
             lower_tiers = build_lower_tiers(settings, namespace.digest, tuple(kv.shape[1:]), self.dtype)
-        self.store = TieredStore(self.pool, self.hasher, lower_tiers, settings.cache_policy)
+        self.store = TieredStore(self.pool, lower_tiers, settings.cache_policy)
         self.scheduler = Scheduler(self.pool, self.store, settings.max_num_seqs, settings.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv)
         if device.type == "cuda" and settings.cuda_graphs:

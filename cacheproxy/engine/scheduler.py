@@ -37,10 +37,6 @@ class ScheduledStep:
     def is_decode_only(self) -> bool:
         return all(c.length == 1 and c.start > 0 for c in self.chunks)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.length for c in self.chunks)
-
 
 class Scheduler:
     def __init__(self, pool: BlockPool, store: TieredStore, max_num_seqs: int, max_num_batched_tokens: int) -> None:

@@ -52,9 +52,5 @@ class Sequence:
         return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     @property
-    def last_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
-
-    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
