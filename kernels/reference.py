@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+# Elements of one tile's score matrix (float32: 256 MiB).
+_SCORE_BUDGET = 1 << 26
+
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -94,14 +97,20 @@ def prefix_prefill(
             vv = torch.cat([vc, v[s:e]], 0).to(acc)
         else:
             kk, vv = k[s:e].to(acc), v[s:e].to(acc)
-        qq = q[s:e].to(acc).view(n, Hkv, g, D)
-        scores = torch.einsum("nhgd,thd->hgnt", qq, kk) * scale
-        qpos = c + torch.arange(n, device=q.device)
-        kpos = torch.arange(c + n, device=q.device)
-        scores.masked_fill_((kpos[None, :] > qpos[:, None])[None, None], float("-inf"))
-        p = torch.softmax(scores, dim=-1)
-        o = torch.einsum("hgnt,thd->nhgd", p, vv)
-        out[s:e] = o.reshape(n, Hq, D).to(q.dtype)
+        # Query rows in tiles: a [heads, rows, context] score matrix of a whole long prompt
+        # would not fit in memory (32k x 32k x heads x 4 bytes).
+        tile = max(16, _SCORE_BUDGET // max(1, Hq * (c + n)))
+        for r0 in range(0, n, tile):
+            r1 = min(n, r0 + tile)
+            keys = c + r1  # causal: nothing past the tile's last query
+            qq = q[s + r0 : s + r1].to(acc).view(r1 - r0, Hkv, g, D)
+            scores = torch.einsum("nhgd,thd->hgnt", qq, kk[:keys]) * scale
+            qpos = c + torch.arange(r0, r1, device=q.device)
+            kpos = torch.arange(keys, device=q.device)
+            scores.masked_fill_((kpos[None, :] > qpos[:, None])[None, None], float("-inf"))
+            p = torch.softmax(scores, dim=-1)
+            o = torch.einsum("hgnt,thd->nhgd", p, vv[:keys])
+            out[s + r0 : s + r1] = o.reshape(r1 - r0, Hq, D).to(q.dtype)
     return out
 
 

@@ -565,3 +565,24 @@ def test_copy_blocks_rejects_blocks_that_are_not_one_span() -> None:
 
 if __name__ == "__main__":
     _child_main(sys.argv[1], sys.argv[2])
+
+
+def test_reference_prefix_prefill_in_query_tiles_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path tiles long prompts (a whole 32k x 32k score matrix would not fit in memory);
+    the tiles must give exactly what one pass gives."""
+    from kernels import reference
+
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d, bs = 4, 2, 16, 16
+    k_cache = torch.randn(20, bs, hkv, d, dtype=torch.float64, generator=gen)
+    v_cache = torch.randn(20, bs, hkv, d, dtype=torch.float64, generator=gen)
+    table = torch.arange(20, dtype=torch.int32).view(2, 10)
+    q = torch.randn(70, hq, d, dtype=torch.float64, generator=gen)
+    k = torch.randn(70, hkv, d, dtype=torch.float64, generator=gen)
+    v = torch.randn(70, hkv, d, dtype=torch.float64, generator=gen)
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    cached = torch.tensor([50, 0], dtype=torch.int32)
+    whole = reference.prefix_prefill(q, k, v, k_cache, v_cache, table, cu, cached, 0.25)
+    monkeypatch.setattr(reference, "_SCORE_BUDGET", hq * 40 * 50)  # tiles of 16 query rows
+    tiled = reference.prefix_prefill(q, k, v, k_cache, v_cache, table, cu, cached, 0.25)
+    torch.testing.assert_close(tiled, whole, atol=1e-12, rtol=0)
