@@ -269,3 +269,27 @@ async def test_async_engine_streams_and_cancellation_frees_blocks(models: dict[s
         assert e.value.code == "context_length_exceeded"
     finally:
         await engine.shutdown()
+
+
+async def test_a_request_that_breaks_inside_the_engine_fails_alone(models: dict[str, Path], tmp_path: Path) -> None:
+    settings = Settings(
+        model=str(models["llama"]), data_dir=tmp_path, num_kv_blocks=64, cpu_cache_bytes=0, disk_cache_enabled=False
+    )
+    engine = AsyncEngine(settings)
+    await engine.start()
+    try:
+        real = engine._engine.hasher.hash_blocks  # type: ignore[union-attr]
+
+        def broken(ids, salt="", parent=None):  # type: ignore[no-untyped-def]
+            if len(ids) == 33:
+                raise RuntimeError("boom")
+            return real(ids, salt, parent)
+
+        engine._engine.hasher.hash_blocks = broken  # type: ignore[union-attr, method-assign]
+        with pytest.raises(EngineError, match="boom"):
+            async for _ in engine.generate(GenerationRequest("bad", list(range(5, 38)), _greedy(4))):
+                pass
+        outs = [o async for o in engine.generate(GenerationRequest("good", list(range(5, 25)), _greedy(4)))]
+        assert outs[-1].finish_reason == "length"  # the engine thread is still serving
+    finally:
+        await engine.shutdown()

@@ -50,6 +50,17 @@ def test_invalid_json_is_400(server: ServerProcess) -> None:
     assert_reply_error(server.request("POST", CHAT, b'{"model": "x", "messages": ['), 400, "invalid_json")
     assert_reply_error(server.request("POST", CHAT, b"\xff\xfe"), 400, "invalid_json")
     assert_reply_error(server.request("POST", CHAT, [1, 2]), 400, "invalid_request_body")
+    deep = b'[' * 20_000 + b']' * 20_000  # deeper than Python's parser recurses
+    assert_reply_error(server.request("POST", CHAT, deep), 400, "invalid_json")
+
+
+def test_a_seed_outside_int64_is_400_and_any_int64_seed_works(server: ServerProcess) -> None:
+    body = {"model": SERVED_MODEL, "messages": HELLO, "max_tokens": 2, "temperature": 1.0}
+    assert_reply_error(server.request("POST", CHAT, {**body, "seed": 2**80}), 400, "invalid_value", "seed")
+    for seed in (2**63 - 1, -(2**63), -1):
+        reply = server.request("POST", CHAT, {**body, "seed": seed, "n": 2})
+        assert reply.status == 200, reply.json()
+    assert server.request("GET", "/health").status == 200
 
 
 @pytest.mark.parametrize(

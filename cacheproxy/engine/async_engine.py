@@ -152,6 +152,10 @@ class AsyncEngine:
                     engine.add_request(arg)
                 except EngineError as e:
                     self._deliver(arg.request_id, e)
+                except Exception as e:  # a request the checks missed must not stop the engine thread
+                    log.exception("request refused by the engine", request_id=arg.request_id)
+                    engine.abort(arg.request_id)
+                    self._deliver(arg.request_id, EngineError(f"the engine could not take this request: {e}"))
             elif kind == "abort":
                 engine.abort(arg)
             elif kind == "call":

@@ -215,7 +215,8 @@ class LLMEngine:
         seq = Sequence(req.request_id, list(req.prompt_token_ids), params, root)
         seq.block_hashes = self.hasher.hash_blocks(seq.prompt_ids, parent=root)
         if params.seed is not None and not params.greedy:
-            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+            # any 64-bit seed (negative ones too) maps onto the generator's unsigned range
+            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed % (2**64 - 1))
         self.seqs[req.request_id] = seq
         self.streams[req.request_id] = _Stream(IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)

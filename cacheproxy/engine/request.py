@@ -41,6 +41,8 @@ class SamplingParams:
             raise EngineError("top_p must be in (0, 1]", "invalid_value")
         if self.top_k < 0:
             raise EngineError("top_k must be >= 0", "invalid_value")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise EngineError("seed must fit in 64 bits", "invalid_value")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise EngineError("top_logprobs must be between 0 and 20", "invalid_value")
 

@@ -60,6 +60,8 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
 
 
 def check_model(requested: str, state: ServerState) -> None:

@@ -95,7 +95,7 @@ class _SamplingFields(_Lenient):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # int64, as OpenAI documents
     user: str | None = None
     presence_penalty: Penalty | None = None  # accepted, not applied
     frequency_penalty: Penalty | None = None  # accepted, not applied

@@ -367,7 +367,7 @@ async def _routed(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     try:
         parsed = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None  # the replica answers the 400
     settings = request.app[ROUTER].settings
     key = affinity_key(parsed, settings.router_prefix_bytes, request.headers.get("Authorization", ""))
