@@ -34,6 +34,7 @@ from cacheproxy.server.errors import ApiError
 from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from cacheproxy.server.sse import SSEStream
 from cacheproxy.server.state import REQUEST_ID, STATE, ServerState
+from cacheproxy.server.tool_calls import held_from, parse_tool_calls, tool_call_format
 
 log = get_logger(__name__)
 
@@ -224,6 +225,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     last_time: float = 0.0
+    emitted: int = 0  # characters of text already streamed (tool-call parsing holds some back)
 
 
 def _chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
@@ -275,7 +277,7 @@ class ResponseShape:
         return None
 
     def delta_choice(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None,
-                     text_offset: int) -> dict[str, Any]:
+                     text_offset: int) -> dict[str, Any] | None:
         raise NotImplementedError
 
     def finish_choice(self, choice: Choice) -> dict[str, Any]:
@@ -293,23 +295,55 @@ class ChatShape(ResponseShape):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
+    def __init__(self, response_id: str, model: str, created: int, tool_format: str | None = None) -> None:
+        super().__init__(response_id, model, created)
+        # Set when the request offered tools: calls in the text become `tool_calls`.
+        self.tool_format = tool_format
+
     def start_choice(self, index: int) -> dict[str, Any]:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
     def delta_choice(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None,
-                     text_offset: int) -> dict[str, Any]:
+                     text_offset: int) -> dict[str, Any] | None:
+        if self.tool_format is not None:
+            full = "".join(choice.text_parts)
+            safe = held_from(full, self.tool_format)
+            text = full[choice.emitted : safe] if safe > choice.emitted else ""
+            choice.emitted = max(choice.emitted, safe)
+            if not text and logprobs is None:
+                return None
         return {"index": choice.index, "delta": {"content": text},
                 "logprobs": _chat_logprobs(logprobs) if logprobs is not None else None, "finish_reason": None}
 
     def finish_choice(self, choice: Choice) -> dict[str, Any]:
-        return {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": choice.finish_reason}
+        delta: dict[str, Any] = {}
+        reason = choice.finish_reason
+        if self.tool_format is not None:
+            full = "".join(choice.text_parts)
+            rest = full[choice.emitted :]
+            content, calls = parse_tool_calls(rest, self.tool_format)
+            if calls:
+                if content:
+                    delta["content"] = content
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+                reason = "tool_calls"
+            elif rest:
+                delta["content"] = rest
+            choice.emitted = len(full)
+        return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
     def full_choice(self, choice: Choice, logprobs: bool) -> dict[str, Any]:
-        return {"index": choice.index,
-                "message": {"role": "assistant", "content": "".join(choice.text_parts), "refusal": None},
+        text = "".join(choice.text_parts)
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        reason = choice.finish_reason
+        if self.tool_format is not None:
+            content, calls = parse_tool_calls(text, self.tool_format)
+            if calls:
+                message["content"], message["tool_calls"], reason = content, calls, "tool_calls"
+        return {"index": choice.index, "message": message,
                 "logprobs": _chat_logprobs(choice.logprobs) if logprobs else None,
-                "finish_reason": choice.finish_reason}
+                "finish_reason": reason}
 
 
 class CompletionShape(ResponseShape):
@@ -433,7 +467,9 @@ class GenerationRun:
             lps = (out.logprobs or []) if self.logprobs else None
             if isinstance(self.shape, CompletionShape):
                 offset += len(self.shape.echo_of(c))
-            entries.append(self.shape.delta_choice(c, out.text, lps, offset))
+            entry = self.shape.delta_choice(c, out.text, lps, offset)
+            if entry is not None:
+                entries.append(entry)
         if out.finish_reason is not None:
             if out.finish_reason == "abort":
                 raise ApiError(503, "the request was aborted: the server is shutting down", code="aborted")
@@ -557,7 +593,10 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
             prompts = [await state.run_blocking(_chat_prompt, state, req)]
             logprobs_k = req.logprobs_k()
             param = "messages"
-            shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time))
+            tool_format = None
+            if req.tools and req.tool_choice != "none":
+                tool_format = tool_call_format(state.engine.tokenizer.chat_template)
+            shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time), tool_format)
         else:
             if req.echo and req.logprobs is not None:
                 raise ApiError(400, "echo with logprobs is not supported", code="invalid_value", param="echo")

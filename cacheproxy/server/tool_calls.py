@@ -1,0 +1,118 @@
+"""Tool calls in a model's text, turned into OpenAI `tool_calls`.
+
+Models write calls in the form their chat template taught them; the template itself tells which:
+- "hermes" (Qwen2.5, Qwen3, Hermes and our tiny model): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+  any number of them, after optional text;
+- "mistral": `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (the marker is a special token, so
+  the decoded text may start at the list);
+- "json" (Llama 3.x and templates with no marker): the whole message is one JSON object
+  `{"name": ..., "parameters" | "arguments": {...}}`, possibly after `<|python_tag|>`.
+Text that does not parse as calls stays text: a model that merely talks about JSON is not cut short.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_MARK = "[TOOL_CALLS]"
+PYTHON_TAG = "<|python_tag|>"
+
+
+def tool_call_format(chat_template: str | None) -> str:
+    template = chat_template or ""
+    if HERMES_OPEN in template:
+        return "hermes"
+    if MISTRAL_MARK in template:
+        return "mistral"
+    return "json"
+
+
+def _call(obj: Any) -> dict[str, Any] | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        arguments = args
+    else:
+        arguments = json.dumps(args, ensure_ascii=False)
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": obj["name"], "arguments": arguments},
+    }
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """Every JSON value in `text`, one after another with only whitespace between; else None."""
+    decoder = json.JSONDecoder()
+    values, i = [], 0
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i == len(text):
+            return values
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+def parse_tool_calls(text: str, fmt: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, calls). Without calls, content is `text` unchanged."""
+    if fmt == "hermes":
+        start = text.find(HERMES_OPEN)
+        if start < 0:
+            return text, []
+        calls = []
+        rest = text[start:]
+        while rest.startswith(HERMES_OPEN):
+            end = rest.find(HERMES_CLOSE)
+            body = rest[len(HERMES_OPEN) : end if end >= 0 else len(rest)]
+            values = _json_values(body)
+            call = _call(values[0]) if values and len(values) == 1 else None
+            if call is None:
+                return text, []
+            calls.append(call)
+            rest = rest[end + len(HERMES_CLOSE) :].lstrip() if end >= 0 else ""
+        if rest:
+            return text, []
+        content = text[:start].strip()
+        return content or None, calls
+    body = text.strip()
+    if fmt == "mistral":
+        body = body.removeprefix(MISTRAL_MARK).strip()
+        values = _json_values(body) if body.startswith("[") else None
+        items = values[0] if values and len(values) == 1 and isinstance(values[0], list) else None
+    else:
+        body = body.removeprefix(PYTHON_TAG).strip()
+        values = _json_values(body) if body.startswith("{") else None
+        items = values
+    if not items:
+        return text, []
+    calls = [_call(item) for item in items]
+    if any(c is None for c in calls):
+        return text, []
+    return None, calls  # type: ignore[return-value]
+
+
+def held_from(text: str, fmt: str) -> int:
+    """How much of `text` may be streamed as content now: the rest may turn out to be a call."""
+    if fmt == "hermes":
+        i = text.find(HERMES_OPEN)
+        if i >= 0:
+            return i
+        for k in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
+            if text.endswith(HERMES_OPEN[:k]):
+                return len(text) - k
+        return len(text)
+    head = text.lstrip()
+    if not head:
+        return 0  # nothing but whitespace yet: the call may still come
+    markers = ("[", MISTRAL_MARK) if fmt == "mistral" else ("{", PYTHON_TAG)
+    if any(head.startswith(m) or m.startswith(head) for m in markers):
+        return 0  # the whole message may be a call: hold it to the end
+    return len(text)
