@@ -367,6 +367,10 @@ def test_a_prefix_computed_on_replica_a_is_served_from_redis_on_replica_b(
         s = _remote(b).stats
         assert s.errors + s.timeouts >= 2 and s.breaker_opens == 1 and s.breaker_skips > 0
         assert b.stats()["tiers"]["remote"]["writes_skipped"] == 0  # writes were dropped, not queued forever
+        # operators see it in the engine's stats (and so in /admin/stats and /metrics)
+        seen = b.stats()["tiers"]["remote"]
+        assert seen["errors"] + seen["timeouts"] == s.errors + s.timeouts
+        assert seen["breaker_opens"] == 1 and seen["breaker_state"] in ("open", "half_open")
     finally:
         server.stop()
         a.shutdown()

@@ -83,6 +83,11 @@ def test_metrics_expose_every_family_and_ttft_is_split_by_cache_outcome(
                   "cacheproxy_prefix_cache_queries_tokens_total") == engine["prefix_cache"]["queries_tokens"]
     assert sample(after, "cacheproxy_kv_tier_bytes", "cacheproxy_kv_tier_bytes", tier="gpu", kind="capacity") == \
         engine["tiers"]["gpu"]["capacity_bytes"]
+    lower = [t for t in engine["tiers"] if t != "gpu"]
+    assert lower  # the session server runs with its CPU and disk tiers
+    for tier in lower:  # per-tier event counters, e.g. corrupt entries dropped
+        assert sample(after, "cacheproxy_kv_tier_events", "cacheproxy_kv_tier_events_total", tier=tier,
+                      event="corrupt_dropped") == engine["tiers"][tier]["corrupt_dropped"]
 
 
 def test_admin_stats_report_hit_rates_and_ttft_percentiles_by_cache_outcome(

@@ -8,6 +8,7 @@ Not thread-safe: only the engine thread calls it (the lower tiers lock themselve
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -359,11 +360,14 @@ class TieredStore:
             tiers[tier.name] = {
                 "used_bytes": tier.used_bytes,
                 "capacity_bytes": tier.capacity_bytes,
-                "evictions": s.evictions,
-                "entries": len(tier),
-                "corrupt_dropped": s.corrupt_dropped,
-                "writes_skipped": s.writes_skipped,
+                "entries": len(tier),  # type: ignore[arg-type]
+                # every counter the tier keeps: hits, misses, corrupt drops, skipped writes, and
+                # a remote tier's timeouts, errors and breaker openings
+                **{k: v for k, v in dataclasses.asdict(s).items() if isinstance(v, int)},
             }
+            state = getattr(tier, "breaker_state", None)
+            if isinstance(state, str):
+                tiers[tier.name]["breaker_state"] = state  # type: ignore[assignment]
         c = self.counters
         return {
             "prefix_cache": {

@@ -57,12 +57,21 @@ class EngineStatsCollector(Collector):
                                        labels=["tier", "kind"])
         evictions = CounterMetricFamily("cacheproxy_evictions", "Blocks evicted from each tier.",
                                         labels=["tier"])
+        events = CounterMetricFamily(
+            "cacheproxy_kv_tier_events",
+            "Per-tier counters: corrupt entries dropped, writes skipped, remote timeouts/errors/breaker.",
+            labels=["tier", "event"],
+        )
         for tier, t in sorted(stats.get("tiers", {}).items()):
             tier_bytes.add_metric([tier, "used"], t.get("used_bytes", 0))
             tier_bytes.add_metric([tier, "capacity"], t.get("capacity_bytes", 0))
             evictions.add_metric([tier], t.get("evictions", 0))
+            for event in _TIER_EVENTS:
+                if isinstance(t.get(event), int):
+                    events.add_metric([tier, event], t[event])
         yield tier_bytes
         yield evictions
+        yield events
 
         moved: dict[tuple[str, str], int] = {}
         for tr in stats.get("transfers", []):
@@ -79,6 +88,10 @@ class EngineStatsCollector(Collector):
         requests.add_metric(["running"], reqs.get("running", 0))
         requests.add_metric(["waiting"], reqs.get("waiting", 0))
         yield requests
+
+
+_TIER_EVENTS = ("hits", "misses", "corrupt_dropped", "writes_skipped", "timeouts", "errors", "breaker_opens",
+                "breaker_skips", "too_large")
 
 
 class ServerMetrics:
