@@ -169,21 +169,20 @@ def bench_tiers(engine: LLMEngine, lengths: list[int]) -> list[dict[str, object]
         engine.store.evict_gpu()
         engine.store.load_stream.synchronize()  # type: ignore[union-attr]
         row["cpu"], row["cpu_tiers"] = ttft(engine, f"cpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
-        saved = dict(engine.store.worth_loading)
-        engine.store.worth_loading = {k: True for k in saved}
+        saved = engine.store.cost_model
+        engine.store.cost_model = None  # load every block, whatever the plan would say
         engine.store.evict_gpu()
         engine.store.load_stream.synchronize()  # type: ignore[union-attr]
         row["cpu_forced"], row["cpu_forced_tiers"], row["cpu_phases"] = ttft_phases(
             engine, f"cpuf-{n}", prefix + rand_ids(g, NEW_TOKENS)
         )
-        engine.store.worth_loading = saved
+        engine.store.cost_model = saved
         drop_to_disk_only(engine)
         row["disk"], row["disk_tiers"] = ttft(engine, f"disk-{n}", prefix + rand_ids(g, NEW_TOKENS))
-        saved = dict(engine.store.worth_loading)
-        engine.store.worth_loading = {k: True for k in saved}
+        engine.store.cost_model = None
         drop_to_disk_only(engine)
         row["disk_forced"], row["disk_forced_tiers"] = ttft(engine, f"diskf-{n}", prefix + rand_ids(g, NEW_TOKENS))
-        engine.store.worth_loading = saved
+        engine.store.cost_model = saved
         engine.pool.evict(None)
         row["kv_bytes"] = n // engine.block_size * engine.pool.block_bytes
         rows.append(row)
@@ -216,10 +215,14 @@ def bench_decode(engine: LLMEngine, batch: int, context: int, steps: int = 48) -
 def bench_hf(model: torch.nn.Module, cfg: dict, lengths: list[int]) -> list[dict[str, object]]:
     import transformers
 
+    from cacheproxy.engine.weights import checkpoint_state_dict
+
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
     with torch.device("cuda"):
         hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
-    hf.load_state_dict(model.state_dict(), strict=False)
+    # Our fused q/k/v and gate/up split back into Hugging Face's names; strict: every weight of
+    # either model has its counterpart, so both run the very same weights.
+    hf.load_state_dict(checkpoint_state_dict(model), strict=True)
     g = torch.Generator().manual_seed(3)
     rows = []
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cacheproxy.cache.cost_model import CostModel, LoadPlan, fit_prefill
 from cacheproxy.config import Settings
 from cacheproxy.engine.engine import LLMEngine
 from cacheproxy.engine.request import GenerationOutput, GenerationRequest, SamplingParams
@@ -146,7 +147,8 @@ def test_cost_model_measures_every_tier(models: dict[str, Path], tmp_path: Path)
     assert cm.prefill_tokens_per_s > 0
     assert set(cm.load_s_per_block) == {"cpu", "disk"}
     assert all(0 < t < 1 for t in cm.load_s_per_block.values())
-    assert engine.store.worth_loading == cm.worth_loading()
+    assert cm.prefill_fixed_s >= 0
+    assert engine.store.cost_model is cm
     # The probes leave nothing behind.
     assert engine.stats()["tiers"]["disk"]["entries"] == 0
     engine.shutdown()
@@ -206,3 +208,106 @@ def test_identical_blocks_of_concurrent_requests_end_up_shared(models: dict[str,
             outs[o.request_id] += o.token_ids
     assert outs["a"] == outs["b"] and len(outs["a"]) == 23
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+# --- meet in the middle: recompute the first blocks while the later ones load ----------------
+
+
+def _cost(load_us: dict[str, float], fixed_us: float = 0.0, block_us: float = 100.0) -> CostModel:
+    return CostModel(16, 1, 16 / (block_us * 1e-6), {k: v * 1e-6 for k, v in load_us.items()}, fixed_us * 1e-6)
+
+
+def test_plan_picks_load_recompute_or_the_meeting_point() -> None:
+    # loading is free: load all; loading is hopeless: recompute all
+    assert _cost({"cpu": 0.0}).plan(["cpu"] * 10, 5) == LoadPlan(0, 10)
+    assert _cost({"disk": 1e9}).plan(["disk"] * 10, 5) == LoadPlan(10, 0)
+    # equal costs: half recomputed while the other half loads
+    assert _cost({"disk": 100.0}).plan(["disk"] * 10, 5) == LoadPlan(5, 5)
+    # a load 3x slower than a recompute: a quarter loads
+    plan = _cost({"disk": 300.0}).plan(["disk"] * 40, 5)
+    assert plan == LoadPlan(30, 10)
+    # a fixed forward cost makes a short recompute not worth it: the fast tier loads everything
+    assert _cost({"cpu": 10.0}, fixed_us=5000.0).plan(["cpu"] * 20, 5) == LoadPlan(0, 20)
+    # the plan is never slower than recomputing or loading everything
+    cm = _cost({"cpu": 20.0, "disk": 250.0}, fixed_us=800.0)
+    tiers = ["cpu"] * 30 + ["disk"] * 50
+    p = cm.plan(tiers, 40)
+    load = [cm.load_s_per_block[t] for t in tiers]
+    t_plan = max(cm.prefill_s(p.recompute * 16), sum(load[p.recompute :])) + cm.prefill_s(40)
+    assert t_plan <= cm.prefill_s(len(tiers) * 16 + 40) + 1e-12
+    assert t_plan <= sum(load) + cm.prefill_s(40) + 1e-12
+    assert p.recompute + p.load == len(tiers)
+
+
+def test_fit_prefill_recovers_a_line() -> None:
+    fixed, rate = fit_prefill((64, 0.010 + 64e-5), (2048, 0.010 + 2048e-5))
+    assert fixed == pytest.approx(0.010)
+    assert rate == pytest.approx(1e5)
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_prefix_split_between_recompute_and_load_gives_the_same_tokens(
+    models: dict[str, Path], tmp_path: Path, tier: str
+) -> None:
+    prompt = _prompt(7, 16 * 20 + 5)  # 20 full blocks, then 5 tokens
+    engine = _engine(models["llama"], tmp_path, max_num_batched_tokens=64)
+    cold = _run(engine, "cold", prompt)
+    engine.store.evict_gpu()  # the prefix now lives in the CPU tier
+    if tier == "disk":
+        engine.store.flush()
+        for h in engine.store.tiers[0].hashes():  # type: ignore[attr-defined]
+            engine.store.tiers[0].remove(h)
+    # a plan of 8 blocks recomputed (two 64-token steps) while 12 load
+    engine.store.cost_model = _cost({tier: 100.0 * 8 / 12})
+    assert engine.store.cost_model.plan([tier] * 20, 5) == LoadPlan(8, 12)
+    split = _run(engine, "split", prompt)
+    assert _tokens(split) == _tokens(cold)
+    assert split[0].cached_tokens == 12 * 16
+    assert split[0].cached_tokens_by_tier == {tier: 12 * 16}
+    # every block of the prefix is in the pool again: the next request hits all of it on the GPU
+    again = _run(engine, "again", prompt)
+    assert again[0].cached_tokens_by_tier == {"gpu": 20 * 16}
+    assert _tokens(again) == _tokens(cold)
+    assert not engine.store.has_pending_loads
+    assert engine.pool.num_free == engine.pool.num_blocks
+    engine.shutdown()
+
+
+def test_a_block_that_fails_its_check_while_loading_is_recomputed(models: dict[str, Path], tmp_path: Path) -> None:
+    prompt = _prompt(8, 16 * 12 + 3)
+    engine = _engine(models["llama"], tmp_path)
+    cold = _run(engine, "cold", prompt)
+    engine.store.evict_gpu()
+    cpu = engine.store.tiers[0]
+    engine.store.cost_model = _cost({"cpu": 100.0})  # 6 recomputed, 6 loaded
+    # the 9th block vanishes from every tier after the plan counted it: loads stop there
+    hashes = engine.hasher.hash_blocks(prompt, parent=engine.hasher.root(""))
+    disk = engine.store.tiers[1]
+    original_contains = cpu.contains
+    cpu.contains = lambda h: h == hashes[8] or original_contains(h)  # type: ignore[method-assign]
+    cpu.remove(hashes[8])
+    disk.remove(hashes[8])
+    out = _run(engine, "split", prompt)
+    assert _tokens(out) == _tokens(cold)
+    assert out[0].cached_tokens == 2 * 16  # blocks 6 and 7 loaded; 8 onwards recomputed
+    assert engine.pool.num_free == engine.pool.num_blocks
+    engine.shutdown()
+
+
+def test_aborting_while_blocks_load_frees_everything(models: dict[str, Path], tmp_path: Path) -> None:
+    prompt = _prompt(9, 16 * 20 + 1)
+    engine = _engine(models["llama"], tmp_path, max_num_batched_tokens=32)
+    _run(engine, "cold", prompt)
+    engine.store.evict_gpu()
+    engine.store.cost_model = _cost({"cpu": 100.0})
+    engine.add_request(
+        GenerationRequest("x", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "")
+    )
+    engine.step()  # the first recompute chunk runs, loads have begun
+    seq = engine.seqs["x"]
+    assert seq.pending_load is not None
+    engine.abort("x")
+    assert not engine.store.has_pending_loads
+    assert engine.pool.num_free == engine.pool.num_blocks
+    assert _tokens(_run(engine, "after", prompt, n=4))  # the engine goes on
+    engine.shutdown()

@@ -1,16 +1,22 @@
-"""Is loading a block from a tier faster than recomputing it? Measured at start-up, not assumed.
+"""Load or recompute? Measured at start-up, not assumed, and decided per request.
 
-Recompute cost: the engine's own prefill speed on this device (tokens/s). Load cost per block: a
-tier's measured read time for one block (its latency and bandwidth together) plus the copy into the
-pool. A tier whose blocks take longer to load than to recompute is skipped by `TieredStore.match`.
+Recompute cost: the engine's own prefill time on this device, fitted as `fixed + per_token x tokens`
+from two measured prefills (the fixed part is the weight read a forward pass pays whatever its
+length). Load cost per block: a tier's measured read time for one block (latency and bandwidth
+together) plus the copy into the pool.
+
+`plan` splits the part of a prefix that lives below the GPU: the first blocks are recomputed while
+the later ones load (meet in the middle), both at once, so a prefix is never slower to serve than to
+recompute, and a slow tier still contributes what it can load in the time the recompute takes.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -18,27 +24,81 @@ from cacheproxy.cache.block_entry import BlockEntry
 from cacheproxy.cache.tier import KVTier
 
 
+class LoadPlan(NamedTuple):
+    """Of the lower-tier blocks of a prefix: the first `recompute` are computed again while the
+    last `load` are fetched from their tiers."""
+
+    recompute: int
+    load: int
+
+
 @dataclass
 class CostModel:
     block_size: int
     block_bytes: int
-    prefill_tokens_per_s: float
+    prefill_tokens_per_s: float  # at the measured long prefill, fixed part included
     load_s_per_block: dict[str, float] = field(default_factory=dict)
+    prefill_fixed_s: float = 0.0  # the cost of a forward pass of (almost) no tokens
+
+    @property
+    def per_token_s(self) -> float:
+        return 1.0 / self.prefill_tokens_per_s
 
     @property
     def recompute_s_per_block(self) -> float:
         return self.block_size / self.prefill_tokens_per_s
 
+    def prefill_s(self, num_tokens: int) -> float:
+        """Estimated time of a prefill of `num_tokens` new tokens (0 for none)."""
+        return self.prefill_fixed_s + num_tokens * self.per_token_s if num_tokens > 0 else 0.0
+
     def worth_loading(self) -> dict[str, bool]:
+        """Per tier, whether one block loads faster than it recomputes (reported; `plan` decides)."""
         return {name: t < self.recompute_s_per_block for name, t in self.load_s_per_block.items()}
+
+    def plan(self, tiers: Sequence[str], tail_tokens: int) -> LoadPlan:
+        """`tiers`: the tier each lower-tier block of the prefix would load from, in chain order.
+        `tail_tokens`: tokens after the prefix, computed in any case.
+
+        Candidates: load everything (then compute the tail), recompute everything (with the tail, in
+        one pass), or recompute the first blocks while the rest load, then compute the tail.
+        """
+        n = len(tiers)
+        if n == 0:
+            return LoadPlan(0, 0)
+        bs = self.block_size
+        cost = [self.load_s_per_block.get(t, float("inf")) for t in tiers]
+        # suffix[k]: time to load blocks k..n-1 (the host reads them one after another)
+        suffix = [0.0] * (n + 1)
+        for i in range(n - 1, -1, -1):
+            suffix[i] = suffix[i + 1] + cost[i]
+        tail = self.prefill_s(tail_tokens)
+        best = (suffix[0] + tail, LoadPlan(0, n))
+        recompute_all = self.prefill_s(n * bs + tail_tokens)
+        if recompute_all < best[0]:
+            best = (recompute_all, LoadPlan(n, 0))
+        for k in range(1, n):
+            t = max(self.prefill_s(k * bs), suffix[k]) + tail
+            if t < best[0]:
+                best = (t, LoadPlan(k, n - k))
+        return best[1]
 
     def as_dict(self) -> dict[str, object]:
         return {
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
+            "prefill_fixed_us": round(self.prefill_fixed_s * 1e6, 2),
             "recompute_us_per_block": round(self.recompute_s_per_block * 1e6, 2),
             "load_us_per_block": {k: round(v * 1e6, 2) for k, v in self.load_s_per_block.items()},
             "worth_loading": self.worth_loading(),
         }
+
+
+def fit_prefill(short: tuple[int, float], long: tuple[int, float]) -> tuple[float, float]:
+    """(fixed seconds, tokens per second) of a line through two measured (tokens, seconds) prefills."""
+    (n0, t0), (n1, t1) = short, long
+    per_token = max((t1 - t0) / max(n1 - n0, 1), 1e-12)
+    fixed = max(t0 - n0 * per_token, 0.0)
+    return fixed, 1.0 / per_token
 
 
 def _best_of(fn: Callable[[], object], repeats: int = 5) -> float:

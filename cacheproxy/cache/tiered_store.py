@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from cacheproxy.cache.block_entry import BlockEntry
+from cacheproxy.cache.cost_model import CostModel
 from cacheproxy.cache.cpu_tier import CpuTier
 from cacheproxy.cache.disk_tier import DiskTier
 from cacheproxy.cache.tier import KVTier
@@ -26,10 +27,26 @@ from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
 GPU = "gpu"
 
 
+@dataclass(eq=False)
+class PendingLoad:
+    """Blocks of a prefix loading while the blocks before them are recomputed."""
+
+    start: int  # chain index of the first block to load
+    items: list[tuple[int, BlockIdentity]]  # (pool block, what it will hold), in chain order
+    next: int = 0  # items read and queued so far; the loaded prefix once `ready`
+    failed: bool = False  # an item could not be read: the load stops there
+    ready: bool = False  # every copy is queued (the device may still be running them)
+    event: torch.cuda.Event | None = None
+    by_tier: Counter[str] = field(default_factory=Counter)
+
+
 class PrefixMatch(NamedTuple):
     blocks: list[int]  # pool blocks, each acquired once for the caller
-    num_tokens: int
+    num_tokens: int  # tokens whose K/V are in `blocks` (or on their way, for a load done now)
     tokens_by_tier: dict[str, int]
+    # With a split plan: blocks from num_tokens up to pending.start are to be computed, and the
+    # ones after it are loading; `blocks` holds them all.
+    pending: PendingLoad | None = None
 
 
 @dataclass
@@ -45,14 +62,15 @@ class TieredStore:
         pool: BlockPool,
         lower_tiers: list[KVTier] | None = None,
         policy: str = "write_back",
-        worth_loading: dict[str, bool] | None = None,
+        cost_model: CostModel | None = None,
     ) -> None:
         self.pool = pool
         self.block_size = pool.block_size
         self.tiers = list(lower_tiers or [])
         self.policy = policy
-        # Per tier: does loading a block beat recomputing it (the cost model's verdict)?
-        self.worth_loading = worth_loading or {}
+        # Plans what to load and what to recompute; None: load every block found.
+        self.cost_model = cost_model
+        self._pending_loads: list[PendingLoad] = []
         self.counters = StoreCounters()
         self.pins: dict[bytes, float] = {}  # leaf hash -> pinned until (unix time)
         self._pinned_blocks: dict[bytes, list[int]] = {}
@@ -66,33 +84,52 @@ class TieredStore:
     def match(self, root: bytes, hashes: list[bytes], token_ids: list[int], max_blocks: int) -> PrefixMatch:
         """Longest verified prefix; its blocks come back acquired once for the caller.
 
-        Three passes, so that no demotion runs while CPU-tier slots are being read: count how far
-        the chain reaches in any tier, allocate every pool block the lower-tier part needs (which
-        may demote evicted blocks into the CPU tier), then verify each block and queue its copy.
+        Counts first how far the chain reaches in any tier. With a cost model, the part below the
+        GPU is planned (`CostModel.plan`): loaded now, recomputed, or split: the first blocks are
+        recomputed while the later ones load (`PrefixMatch.pending`), the loads running between
+        engine steps (`advance_loads`). Otherwise every block found is loaded now.
         """
         bs = self.block_size
         hashes = hashes[:max_blocks]
-        eligible = self._eligible()
         reach = 0
-        to_load = 0
+        first_lower = -1
+        lower_tiers: list[str] = []
+        resident_after_lower = False
         for h in hashes:
             if h in self.pool.by_hash:
-                reach += 1
-            elif any(t.contains(h) for t in eligible):
-                reach += 1
-                to_load += 1
+                resident_after_lower |= first_lower >= 0
             else:
-                break
-        # Blocks of the chain already in the pool must not be evicted by the allocations below.
-        resident = [self.pool.by_hash[h] for h in hashes[:reach] if h in self.pool.by_hash]
+                tier = next((t for t in self.tiers if t.contains(h)), None)
+                if tier is None:
+                    break
+                if first_lower < 0:
+                    first_lower = reach
+                lower_tiers.append(tier.name)
+            reach += 1
+        self.counters.queries_tokens += len(token_ids)
+        if first_lower >= 0 and self.cost_model is not None and not resident_after_lower:
+            plan = self.cost_model.plan(lower_tiers, len(token_ids) - reach * bs)
+            if plan.load == 0:  # recomputing is faster: only the GPU part is used
+                reach = first_lower
+            elif plan.recompute > 0 and self.pool.num_free >= reach - first_lower:
+                return self._match_split(root, hashes[:reach], token_ids, first_lower, plan.recompute)
+        return self._match_now(root, hashes[:reach], token_ids)
+
+    def _match_now(self, root: bytes, hashes: list[bytes], token_ids: list[int]) -> PrefixMatch:
+        """Every block of `hashes` from wherever it is, lower tiers copied in now (three passes, so
+        that no demotion runs while CPU-tier slots are being read: protect the pool's blocks of the
+        chain, allocate every block the lower-tier part needs, then verify and queue the copies)."""
+        bs = self.block_size
+        resident = [self.pool.by_hash[h] for h in hashes if h in self.pool.by_hash]
         for block in resident:
             self.pool.acquire(block)
+        to_load = len(hashes) - len(resident)
         fresh = [self.pool.allocate() for _ in range(min(to_load, self.pool.num_free))]
         blocks: list[int] = []
         by_tier: Counter[str] = Counter()
         parent = root
         now = time.time()
-        for i, h in enumerate(hashes[:reach]):
+        for i, h in enumerate(hashes):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             block = self.pool.lookup(h, parent, toks)
             if block is not None:
@@ -101,7 +138,7 @@ class TieredStore:
                 self.pool.last_use[block] = now
                 by_tier[GPU] += bs
             else:
-                found = self._find_lower(h, parent, toks, eligible) if fresh else None
+                found = self._find_lower(h, parent, toks, self.tiers) if fresh else None
                 if found is None:
                     break
                 entry, tier_name = found
@@ -119,12 +156,82 @@ class TieredStore:
         if self._loads_pending and self.load_stream is not None:
             # The compute stream waits for the copies; the host does not.
             torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
-        self.counters.queries_tokens += len(token_ids)
         self.counters.hits_tokens.update(by_tier)
         return PrefixMatch(blocks, len(blocks) * bs, dict(by_tier))
 
-    def _eligible(self) -> list[KVTier]:
-        return [t for t in self.tiers if self.worth_loading.get(t.name, True)]
+    def _match_split(
+        self, root: bytes, hashes: list[bytes], token_ids: list[int], first_lower: int, recompute: int
+    ) -> PrefixMatch:
+        """Blocks [0, first_lower) from the pool; [first_lower, first_lower + recompute) fresh, for the
+        caller to compute; the rest fresh, to be loaded by `advance_loads` meanwhile."""
+        bs = self.block_size
+        gpu = self._match_now(root, hashes[:first_lower], token_ids)
+        if len(gpu.blocks) < first_lower:  # a pool block failed its check: the chain ends there
+            return gpu
+        blocks = list(gpu.blocks)
+        blocks += [self.pool.allocate() for _ in range(len(hashes) - first_lower)]
+        start = first_lower + recompute
+        items = []
+        for i in range(start, len(hashes)):
+            toks = tuple(token_ids[i * bs : (i + 1) * bs])
+            items.append((blocks[i], BlockIdentity(hashes[i], hashes[i - 1] if i else root, toks, i)))
+        pending = PendingLoad(start, items)
+        self._pending_loads.append(pending)
+        return PrefixMatch(blocks, gpu.num_tokens, gpu.tokens_by_tier, pending)
+
+    # --- loads that run beside the compute (meet in the middle) ----------------------------
+    @property
+    def has_pending_loads(self) -> bool:
+        return bool(self._pending_loads)
+
+    def advance_loads(self, budget_s: float) -> None:
+        """Reads and copies queued blocks for about `budget_s` (at least one block): called by the
+        engine right after it launched a step, while the device computes."""
+        deadline = time.perf_counter() + budget_s
+        while self._pending_loads:
+            p = self._pending_loads[0]
+            while p.next < len(p.items) and not p.failed:
+                block, ident = p.items[p.next]
+                found = self._find_lower(ident.hash, ident.parent, ident.token_ids, self.tiers)
+                if found is None:  # gone or failed its check since the plan: the rest is recomputed
+                    p.failed = True
+                    break
+                entry, tier_name = found
+                self._copy_in(block, entry, tier_name)
+                if len(self._pending_copies) >= 64:
+                    self._issue_copies()
+                p.by_tier[tier_name] += self.block_size
+                p.next += 1
+                if time.perf_counter() > deadline:
+                    self._issue_copies()
+                    return
+            self._issue_copies()
+            if self.load_stream is not None:
+                p.event = torch.cuda.Event()
+                p.event.record(self.load_stream)
+            p.ready = True
+            self._pending_loads.pop(0)
+            if time.perf_counter() > deadline:
+                return
+
+    def finish_load(self, p: PendingLoad) -> int:
+        """Hands a finished load to its sequence: the compute stream waits for its copies, and the
+        loaded blocks join the prefix cache. Returns how many blocks were loaded."""
+        assert p.ready
+        if p.event is not None:
+            torch.cuda.current_stream(self.pool.kv.device).wait_event(p.event)
+        for block, ident in p.items[: p.next]:
+            self.pool.register(block, ident)  # False: an equal block was published meanwhile
+        self.counters.hits_tokens.update(p.by_tier)
+        return p.next
+
+    def cancel_load(self, p: PendingLoad) -> None:
+        """The sequence is gone: stop loading; its blocks may be reused once the copies landed."""
+        if p in self._pending_loads:
+            self._pending_loads.remove(p)
+        self._issue_copies()
+        if self._loads_pending and self.load_stream is not None:
+            torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
 
     def _find_lower(
         self, h: bytes, parent: bytes, toks: tuple[int, ...], eligible: list[KVTier]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cacheproxy.cache.cost_model import CostModel, measure_load_times
+from cacheproxy.cache.cost_model import CostModel, fit_prefill, measure_load_times
 from cacheproxy.cache.hashing import BlockHasher, Namespace
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.cache.tiered_store import TieredStore, build_lower_tiers
@@ -107,7 +107,7 @@ class LLMEngine:
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_id)
         self.cost_model = self._measure_costs()
         if settings.cost_model:
-            self.store.worth_loading = self.cost_model.worth_loading()
+            self.store.cost_model = self.cost_model
         log.info(
             "engine ready",
             architecture=cfg.architecture,
@@ -160,23 +160,31 @@ class LLMEngine:
 
     def _measure_costs(self) -> CostModel:
         """Prefill speed of this model on this device, and each tier's time to load one block."""
-        # Long enough that the device is busy, as it is when a long prefix is recomputed.
+        # A long prefill (the device busy, as when a long prefix is recomputed) and a short one (the
+        # fixed cost of a forward pass): recompute time is fitted as a line through the two.
         n = min(self.settings.max_num_batched_tokens, 2048, self.max_model_len, (self.pool.num_free - 1) * self.block_size)
+        short = max(1, min(n // 4, 4 * self.block_size))
         ids = torch.randint(0, self.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        self.score(ids)  # warm-up (kernel compilation, allocator)
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            self.score(ids)
-            sync()
-            best = min(best, time.perf_counter() - t0)
+
+        def timed(tokens: list[int], repeats: int) -> float:
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.score(tokens)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+            return best
+
+        timed(ids, 1)  # warm-up (kernel compilation, allocator)
+        timed(ids[:short], 1)
+        fixed, tokens_per_s = fit_prefill((short, timed(ids[:short], 3)), (n, timed(ids, 2)))
         scratch = self.pool.allocate()
         try:
             loads = measure_load_times(self.store.tiers, self.pool.kv[scratch], sync)
         finally:
             self.pool.release(scratch)
-        cost = CostModel(self.block_size, self.pool.block_bytes, n / best, loads)
+        cost = CostModel(self.block_size, self.pool.block_bytes, tokens_per_s, loads, prefill_fixed_s=fixed)
         log.info("cost model", **cost.as_dict())
         return cost
 
@@ -244,8 +252,14 @@ class LLMEngine:
             self.store.expire_pins(time.time())
         step = self.scheduler.schedule()
         if not step.chunks:
+            if self.store.has_pending_loads:  # nothing to compute meanwhile: finish them
+                self.store.advance_loads(float("inf"))
             return []
-        result = self.runner.run(step)
+        launched = self.runner.launch(step)
+        if self.store.has_pending_loads:
+            # Prefix blocks load while the device runs the step (at least one block per step).
+            self.store.advance_loads(self.cost_model.prefill_s(sum(c.length for c in step.chunks)))
+        result = self.runner.collect(launched)
         return self._postprocess(step, result)
 
     def _postprocess(self, step: ScheduledStep, result: StepResult) -> list[GenerationOutput]:

@@ -22,6 +22,12 @@ class StepResult:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
 
 
+@dataclass(slots=True)
+class LaunchedStep:
+    step: ScheduledStep
+    logits: torch.Tensor | None  # [sampling chunks, vocab] float32, possibly still being computed
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, kv: torch.Tensor) -> None:
         self.model = model
@@ -96,12 +102,21 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep) -> StepResult:
+    def launch(self, step: ScheduledStep) -> LaunchedStep:
+        """Queues the step's forward pass and logits on the device; returns without waiting."""
         hidden, sample_idx = self._forward(step)
-        sampling = [c for c in step.chunks if c.samples]
-        if not sampling:
+        if not sample_idx:
+            return LaunchedStep(step, None)
+        rows = torch.tensor(sample_idx, dtype=torch.long).to(hidden.device, non_blocking=True)
+        return LaunchedStep(step, self.model.compute_logits(hidden[rows]))
+
+    @torch.inference_mode()
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """Samples from a launched step's logits (waits for the device)."""
+        step, logits = launched.step, launched.logits
+        if logits is None:
             return StepResult([None] * len(step.chunks), [])
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=hidden.device)])
+        sampling = [c for c in step.chunks if c.samples]
         params = [c.seq.params for c in sampling]
         tokens, logprobs = sample(logits, params, [c.seq.generator for c in sampling])
         lp_out: list[tuple[float, list[tuple[int, float]]] | None] = []
@@ -116,3 +131,6 @@ class ModelRunner:
             lp_out.append((float(row[tokens[i]].item()), top_list))
         it = iter(tokens)
         return StepResult([next(it) if c.samples else None for c in step.chunks], lp_out)
+
+    def run(self, step: ScheduledStep) -> StepResult:
+        return self.collect(self.launch(step))

@@ -80,10 +80,12 @@ class Scheduler:
         for seq in self.running:
             if budget == 0:
                 break
+            if seq.pending_load is not None and not self._land_loads(seq):
+                continue  # its recomputed part is done, its loaded part is not there yet
             remaining = seq.num_tokens - seq.num_computed
             if id(seq) in scheduled or (remaining <= 1 and seq.num_computed > 0):
                 continue
-            n = min(remaining, budget)
+            n = min(self._until_loads(seq, remaining), budget)
             if not self._ensure_blocks(seq, seq.num_computed + n):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
@@ -95,7 +97,7 @@ class Scheduler:
             if not self._admit(seq, budget):
                 break
             self.waiting.popleft()
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(self._until_loads(seq, seq.num_tokens - seq.num_computed), budget)
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
         return ScheduledStep(chunks)
@@ -114,7 +116,8 @@ class Scheduler:
             return False
         seq.block_table = list(match.blocks)
         seq.num_computed = match.num_tokens
-        seq.num_registered = len(match.blocks)
+        seq.num_registered = match.num_tokens // bs
+        seq.pending_load = match.pending
         if not seq.reported_first:
             seq.cached_tokens = match.num_tokens
             seq.cached_by_tier = dict(match.tokens_by_tier)
@@ -123,6 +126,30 @@ class Scheduler:
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.monotonic()
         self.running.append(seq)
+        return True
+
+    def _until_loads(self, seq: Sequence, remaining: int) -> int:
+        """A sequence whose later prefix blocks are loading computes only up to them."""
+        p = seq.pending_load
+        if p is None:
+            return remaining
+        return p.start * self.block_size - seq.num_computed
+
+    def _land_loads(self, seq: Sequence) -> bool:
+        """When the recomputed part is done and the loads have all been issued, the sequence skips
+        over its loaded blocks. False while it must wait."""
+        p = seq.pending_load
+        assert p is not None
+        if seq.num_computed < p.start * self.block_size or not p.ready:
+            return seq.num_computed < p.start * self.block_size
+        loaded = self.store.finish_load(p)
+        seq.pending_load = None
+        seq.num_computed = (p.start + loaded) * self.block_size
+        seq.num_registered = p.start + loaded
+        if not seq.reported_first:
+            seq.cached_tokens += loaded * self.block_size
+            for tier, n in p.by_tier.items():
+                seq.cached_by_tier[tier] = seq.cached_by_tier.get(tier, 0) + n
         return True
 
     def _has_blocks(self, seq: Sequence, num_tokens: int) -> bool:
@@ -149,6 +176,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
+        if seq.pending_load is not None:
+            self.store.cancel_load(seq.pending_load)
+            seq.pending_load = None
         for b in reversed(seq.block_table):
             self.pool.release(b)
         seq.block_table = []

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cacheproxy.cache.tiered_store import PendingLoad
 from cacheproxy.engine.request import SamplingParams, TokenLogprob
 
 
@@ -38,6 +39,8 @@ class Sequence:
     stop_reason: str | int | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     reported_first: bool = False
+    # Later prefix blocks loading while the earlier ones are recomputed (TieredStore.match).
+    pending_load: PendingLoad | None = None
 
     @property
     def num_tokens(self) -> int:
