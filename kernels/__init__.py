@@ -1,4 +1,4 @@
-"""Attention and block-movement kernels: Triton on CUDA, the torch twins elsewhere.
+"""Attention, block-movement and fused elementwise kernels: Triton on CUDA, the torch twins elsewhere.
 
 One function per op; each picks its implementation from the tensors it is given. Set
 `CACHEPROXY_KERNELS=reference` to force the torch twins (debugging, comparisons).
@@ -16,10 +16,18 @@ try:  # Triton is optional off CUDA; the twins cover the CPU path.
     from kernels import triton_ops as _triton
 except Exception:  # pragma: no cover - depends on the install
     _triton = None  # type: ignore[assignment]
+try:
+    from kernels import triton_fused as _fused
+except Exception:  # pragma: no cover - depends on the install
+    _fused = None  # type: ignore[assignment]
 
 
 def _use_triton(t: torch.Tensor) -> bool:
     return _triton is not None and t.is_cuda and os.environ.get("CACHEPROXY_KERNELS") != "reference"
+
+
+def _use_fused(t: torch.Tensor) -> bool:
+    return _fused is not None and t.is_cuda and os.environ.get("CACHEPROXY_KERNELS") != "reference"
 
 
 def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale, *, out=None, max_context_len=None):  # type: ignore[no-untyped-def]
@@ -53,4 +61,25 @@ def copy_blocks(src, dst, src_ids, dst_ids):  # type: ignore[no-untyped-def]
     return impl.copy_blocks(src, dst, src_ids, dst_ids)
 
 
-__all__ = ["copy_blocks", "paged_decode", "prefix_prefill", "reference", "write_kv"]
+def rms_norm(x, weight, eps, residual=None, *, out=None):  # type: ignore[no-untyped-def]
+    """RMSNorm of x's last dim -> normed; with `residual`: `residual += x` in place, the sum is
+    normalised, and (normed, residual) comes back (the add + norm between sublayers)."""
+    impl = _fused if _use_fused(x) else reference
+    return impl.rms_norm(x, weight, eps, residual, out=out)
+
+
+def rotary(q, k, cos, sin, positions):  # type: ignore[no-untyped-def]
+    """Rotates q [T,Hq,D] and k [T,Hkv,D] in place at positions [T]; cos/sin: float32 [max_pos, R/2]."""
+    impl = _fused if _use_fused(q) else reference
+    return impl.rotary(q, k, cos, sin, positions)
+
+
+def silu_and_mul(gate_up, *, out=None):  # type: ignore[no-untyped-def]
+    """[T, 2I] (gate, then up) -> silu(gate) * up [T, I]."""
+    impl = _fused if _use_fused(gate_up) else reference
+    return impl.silu_and_mul(gate_up, out=out)
+
+
+__all__ = [
+    "copy_blocks", "paged_decode", "prefix_prefill", "reference", "rms_norm", "rotary", "silu_and_mul", "write_kv",
+]  # fmt: skip

@@ -135,3 +135,53 @@ def write_kv(
 def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
     """dst[dst_ids[i]] = src[src_ids[i]] for whole blocks (dim 0 indexes blocks)."""
     dst[dst_ids.long().to(dst.device)] = src[src_ids.long().to(src.device)].to(dst.device, dst.dtype)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dimension: normalised in float32 (float64 when given float64), cast to
+    x's dtype, then scaled by weight in that dtype. With `residual`: `residual += x` in place first
+    (in x's dtype, as the reference model adds) and the sum is normalised; returns (normed, residual).
+    `out` receives the result when given."""
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    acc = _acc_dtype(x)
+    normed = torch.nn.functional.rms_norm(x.to(acc), (x.shape[-1],), eps=eps).to(x.dtype)
+    if out is None:
+        out = weight * normed
+    else:
+        torch.mul(weight, normed, out=out)
+    return out if residual is None else (out, residual)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [T,Hq,D] and k [T,Hkv,D] in place, rotate-half form, at `positions` [T].
+
+    cos/sin: float32 tables [max_positions, R/2] of the rotary dims R <= D (the first R dims of each
+    head turn). Every product and sum in q's dtype: the rounding of the reference model's
+    `x * cos + rotate_half(x) * sin`."""
+    half = cos.shape[1]
+    c = cos[positions.long()].to(q.dtype).unsqueeze(1)
+    s = sin[positions.long()].to(q.dtype).unsqueeze(1)
+    for x in (q, k):
+        x1, x2 = x[..., :half], x[..., half : 2 * half]
+        turned = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+        x[..., : 2 * half] = turned
+    return q, k
+
+
+def silu_and_mul(gate_up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up [T, 2I] (gate, then up) -> silu(gate) * up [T, I], each op in gate_up's dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if out is None:
+        return torch.nn.functional.silu(gate) * up
+    return torch.mul(torch.nn.functional.silu(gate), up, out=out)

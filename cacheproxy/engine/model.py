@@ -1,20 +1,39 @@
 """The Llama family (Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3) over the paged KV pool.
 
-Parameter names mirror Hugging Face's, so loading is a loop over `named_parameters`. Tokens of
-all sequences of a step are packed along one dimension `[T, ...]`; attention reads where they
-belong from the `StepContext` the runner sets before the forward pass.
+Parameter names mirror Hugging Face's, except the fused projections: q/k/v are rows of one
+`qkv_proj` and gate/up of one `gate_up_proj` (one GEMM each); `fused_projections` tells the loader
+where each checkpoint matrix goes. Tokens of all sequences of a step are packed along one dimension
+`[T, ...]`; attention reads where they belong from the `StepContext` the runner sets before the
+forward pass. The elementwise work between GEMMs is fused: add + RMSNorm, rotary of q and k, and
+SiLU-and-multiply are one launch each (`kernels`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
 from cacheproxy.engine.model_config import ModelConfig
-from cacheproxy.engine.rotary import RotaryEmbedding, apply_rotary
+from cacheproxy.engine.rotary import RotaryEmbedding
 from cacheproxy.engine.step_context import get_context
+
+
+def fused_projections(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """Where the checkpoint's separate projections live in ours: Hugging Face module (relative to a
+    layer) -> (our fused module, first row, number of rows). Weights and biases alike."""
+    q, kv, inter = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    return {
+        "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
+        "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
+        "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, kv),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0, inter),
+        "mlp.up_proj": ("mlp.gate_up_proj", inter, inter),
+    }
 
 
 class RMSNorm(nn.Module):
@@ -25,8 +44,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalised in float32, cast back, then scaled: the reference's order of roundings.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`residual += x` (in place, in the model's dtype), then the norm of the sum: one launch."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -37,9 +59,8 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = self.head_dim**-0.5
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
+        # q, k and v rows of one matrix (one GEMM); `fused_projections` says where each one's rows are.
+        self.qkv_proj = nn.Linear(h, (self.num_heads + 2 * self.num_kv_heads) * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -49,14 +70,17 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary_emb: RotaryEmbedding) -> torch.Tensor:
+        T, d = x.shape[0], self.head_dim
+        q_width, kv_width = self.num_heads * d, self.num_kv_heads * d
+        qkv = self.qkv_proj(x)
+        # Views into qkv (the kernels take strided heads): no copies.
+        q = qkv[:, :q_width].view(T, self.num_heads, d)
+        k = qkv[:, q_width : q_width + kv_width].view(T, self.num_kv_heads, d)
+        v = qkv[:, q_width + kv_width :].view(T, self.num_kv_heads, d)
+        if self.qk_norm:  # Qwen3: per-head norm before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        rotary_emb(q, k, positions)
         ctx = get_context()
         kernels.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
@@ -65,19 +89,21 @@ class Attention(nn.Module):
                 ctx.cu_seqlens_q, ctx.cached_lens, self.scale,
             )  # fmt: skip
         else:
-            o = kernels.paged_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
-        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+            o = kernels.paged_decode(
+                q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale
+            )
+        return self.o_proj(o.reshape(T, q_width))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        # gate rows, then up rows: one GEMM, and silu(gate) * up in one launch.
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -88,9 +114,24 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary_emb: RotaryEmbedding,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous sublayer's output, not yet added to `residual` (None before the first
+        layer, where x is the embedding). Returns the MLP's output and the residual stream before it:
+        each add happens inside the next norm's launch."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, positions, rotary_emb)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -99,14 +140,18 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary_emb = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rotary_emb.tables(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary_emb)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm.add_and_norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):

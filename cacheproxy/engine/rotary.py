@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+import kernels
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     # float32 throughout, as Hugging Face computes it: the same rounding gives the same logits.
@@ -30,7 +32,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables; applies the rotate-half form that Hugging Face Llama uses."""
+    """Precomputed float32 cos/sin tables [max_positions, head_dim / 2]; rotates q and k in place in
+    the rotate-half form that Hugging Face Llama uses, reading the tables by position inside the
+    kernel (no per-step gather)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None):
         super().__init__()
@@ -40,16 +44,8 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for the step's tokens, [T, 1, head_dim] in the model's dtype: computed once
-        per forward pass and shared by every layer."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return torch.cat([cos, cos], -1).to(dtype), torch.cat([sin, sin], -1).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] rotated in x's dtype, as the reference implementation does, so half-precision
-    rounding matches too."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D] and k [T, Hkv, D] turned in place, in their dtype (the reference's rounding)."""
+        return kernels.rotary(q, k, self.cos, self.sin, positions)

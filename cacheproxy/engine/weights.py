@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cacheproxy.engine.model import CausalLM
+from cacheproxy.engine.model import CausalLM, fused_projections
 from cacheproxy.engine.model_config import ModelConfig, UnsupportedModel
 from cacheproxy.engine.rotary import RotaryEmbedding
 
@@ -34,29 +34,59 @@ def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> C
     return model.eval()
 
 
+def checkpoint_layout(model: CausalLM) -> dict[str, tuple[str, slice | None]]:
+    """Every tensor a Hugging Face checkpoint of this model holds -> (our parameter, the rows of it that
+    tensor fills, or None for all of it). q/k/v and gate/up land in row ranges of the fused projections."""
+    by_fused: dict[str, list[tuple[str, int, int]]] = {}
+    for hf_module, (ours, start, rows) in fused_projections(model.config).items():
+        by_fused.setdefault(ours, []).append((hf_module, start, rows))
+    layout: dict[str, tuple[str, slice | None]] = {}
+    for name in dict(model.named_parameters(remove_duplicate=False)):
+        module, _, leaf = name.rpartition(".")
+        fused = next((f for f in by_fused if module.endswith("." + f)), None)
+        if fused is None:
+            layout[name] = (name, None)
+            continue
+        prefix = module[: -len(fused)]
+        for hf_module, start, rows in by_fused[fused]:
+            layout[f"{prefix}{hf_module}.{leaf}"] = (name, slice(start, start + rows))
+    return layout
+
+
+def checkpoint_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face's names, the fused projections split back (views)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {
+        hf: params[ours].detach() if rows is None else params[ours].detach()[rows]
+        for hf, (ours, rows) in checkpoint_layout(model).items()
+    }
+
+
 def load_weights(model: CausalLM, path: Path) -> None:
     files = safetensors_files(path)
     if not files:
         raise UnsupportedModel(f"{path} holds no *.safetensors weights")
     params = dict(model.named_parameters(remove_duplicate=False))
+    layout = checkpoint_layout(model)
     loaded: set[str] = set()
     device = next(model.parameters()).device
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if name not in params:
+                if name not in layout:
                     continue  # e.g. rotary_emb.inv_freq of old checkpoints
-                param = params[name]
+                ours, rows = layout[name]
+                target = params[ours].data if rows is None else params[ours].data[rows]
                 tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(param.shape):
+                if tuple(tensor.shape) != tuple(target.shape):
                     raise UnsupportedModel(
-                        f"weight {name} has shape {tuple(tensor.shape)}, config expects {tuple(param.shape)}"
+                        f"weight {name} has shape {tuple(tensor.shape)}, config expects {tuple(target.shape)}"
                     )
-                param.data.copy_(tensor.to(device=device, dtype=param.dtype))
+                target.copy_(tensor.to(device=device, dtype=target.dtype))
                 loaded.add(name)
     if model.config.tie_word_embeddings:
         loaded.add("lm_head.weight")
-    missing = sorted(set(params) - loaded)
+    missing = sorted(set(layout) - loaded)
     if missing:
         raise UnsupportedModel(f"weights missing from {path}: {', '.join(missing[:8])}")
 
