@@ -78,7 +78,9 @@ class Settings(BaseSettings):
     redis_key_prefix: str = "cacheproxy:kv:"
     redis_breaker_failures: int = Field(default=3, ge=1, description="Failures in a row that open the breaker.")
     redis_breaker_cooldown_s: float = Field(default=5.0, gt=0, description="Seconds the tier is skipped.")
-    cost_model: bool = Field(default=True, description="Skip a tier when recompute is faster.")
+    cost_model: bool = Field(
+        default=True, description="Plan each prefix: load it, recompute it, or recompute its head while the rest loads."
+    )
 
     # --- server --------------------------------------------------------------------------
     api_keys: dict[str, str] = Field(

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import torch
+
 from cacheproxy.config import Settings
 from cacheproxy.engine.engine import LLMEngine
 from cacheproxy.engine.request import EngineError, EngineOverloaded, GenerationOutput, GenerationRequest
@@ -189,6 +191,16 @@ class AsyncEngine:
                 self._wake.clear()
 
     def _fail_all(self, engine: LLMEngine, cause: Exception) -> None:
+        if isinstance(cause, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            error = EngineError(
+                "the device ran out of memory for this batch; retry, or lower max_num_batched_tokens or "
+                "gpu_memory_utilization on the server",
+                "insufficient_memory",
+                503,
+            )
+        else:
+            error = EngineError(f"internal engine error: {type(cause).__name__}", "server_error", 500)
         for rid in list(engine.seqs):
             engine.abort(rid)
-            self._deliver(rid, EngineError(f"internal engine error: {type(cause).__name__}", "server_error", 500))
+            self._deliver(rid, error)

@@ -31,6 +31,7 @@ from cacheproxy.engine.request import (
 from cacheproxy.engine.runner import ModelRunner, StepResult
 from cacheproxy.engine.scheduler import ScheduledChunk, ScheduledStep, Scheduler
 from cacheproxy.engine.sequence import Sequence
+from cacheproxy.engine.step_context import StepContext, set_context
 from cacheproxy.engine.tokenizer import Tokenizer
 from cacheproxy.engine.weights import build_model, load_weights
 from cacheproxy.log import get_logger
@@ -84,6 +85,7 @@ class LLMEngine:
         limit = cfg.max_context
         self.max_model_len = min(settings.max_model_len or limit, limit)
         self.block_size = settings.block_size
+        self.activation_bytes = 0  # measured on CUDA by _profile_activations
         num_blocks = self._num_kv_blocks()
         shape = (num_blocks, cfg.num_hidden_layers, 2, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         kv = torch.zeros(shape, dtype=self.dtype, device=device)
@@ -114,6 +116,8 @@ class LLMEngine:
             device=str(device),
             dtype=str(self.dtype),
             kv_blocks=num_blocks,
+            kv_pool_bytes=num_blocks * self.pool.block_bytes,
+            activation_bytes=self.activation_bytes,
             block_size=self.block_size,
             max_model_len=self.max_model_len,
         )
@@ -136,27 +140,68 @@ class LLMEngine:
             return s.num_kv_blocks
         per_block = self.config.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8) * self.block_size
         if self.device.type == "cuda":
+            # What is left of the card's share after the weights (and anything else already on it),
+            # the activations of the largest step and the memory the CUDA graphs keep.
             free, total = torch.cuda.mem_get_info(self.device)
-            # Keep room for activations of the largest step: a few hidden-sized buffers per token
-            # plus the logits of a full batch.
-            cfg = self.config
-            act = s.max_num_batched_tokens * (cfg.hidden_size * 8 + cfg.intermediate_size * 3) * 4
-            act += s.max_num_seqs * cfg.vocab_size * 4 * 3
-            budget = int(free - (1.0 - s.gpu_memory_utilization) * total) - act
+            self.activation_bytes = self._profile_activations()
+            budget = int(free - (1.0 - s.gpu_memory_utilization) * total) - self.activation_bytes
         else:
             budget = 512 << 20
         if s.kv_cache_bytes is not None:
             budget = min(budget, s.kv_cache_bytes)
-        n = budget // per_block
+        n = max(budget, 0) // per_block
         need = -(-self.settings.max_num_batched_tokens // self.block_size) + 1
         if n < need:
             raise EngineError(
-                f"KV pool of {budget} bytes holds {n} blocks; at least {need} are needed "
+                f"KV pool of {max(budget, 0)} bytes holds {n} blocks; at least {need} are needed "
                 "(lower max_num_batched_tokens or give the pool more memory)",
                 "insufficient_memory",
                 500,
             )
         return int(n)
+
+    @torch.inference_mode()
+    def _profile_activations(self) -> int:
+        """Peak memory of the largest step, measured: a full-budget prefill and the logits and
+        sampling buffers of a full batch, on a throw-away pool just big enough. Doubled when CUDA
+        graphs are on: their private memory pool holds a (smaller) step's buffers for good."""
+        s, cfg, dev = self.settings, self.config, self.device
+        tokens = min(s.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-tokens // self.block_size)
+        shape = (blocks, cfg.num_hidden_layers, 2, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        kv = torch.empty(shape, dtype=self.dtype, device=dev)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self.model.bind_kv_pool(kv)
+        table = torch.arange(blocks, dtype=torch.int32, device=dev).unsqueeze(0)
+        positions = torch.arange(tokens, device=dev)
+        set_context(
+            StepContext(
+                is_prefill=True,
+                slot_mapping=positions.clone(),
+                block_tables=table,
+                cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
+                cached_lens=torch.zeros(1, dtype=torch.int32, device=dev),
+            )
+        )
+        try:
+            ids = torch.randint(0, cfg.vocab_size, (tokens,), device=dev)
+            hidden = self.model(ids, positions)
+            rows = min(s.max_num_seqs, tokens)
+            logits = self.model.compute_logits(hidden[-rows:])
+            torch.softmax(logits, -1).log_().max(-1)
+            del hidden, logits
+        finally:
+            set_context(None)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del kv
+        torch.cuda.empty_cache()
+        graphs = 2 if s.cuda_graphs else 1
+        # 64 MiB of slack for the allocator's rounding and the tiers' staging copies
+        return graphs * peak + (64 << 20)
 
     def _measure_costs(self) -> CostModel:
         """Prefill speed of this model on this device, and each tier's time to load one block."""
