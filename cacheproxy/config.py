@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(
         default=2048, ge=16, description="Tokens of one step; longer prompts prefill in chunks."
     )
+    load_format: Literal["safetensors", "dummy"] = Field(
+        default="safetensors",
+        description="dummy: random weights of the config's shape (benchmarks without a download).",
+    )
     gpu_memory_utilization: float = Field(default=0.90, gt=0.0, le=1.0)
     kv_cache_bytes: int | None = Field(default=None, description="Cap on the engine's KV pool.")
     num_kv_blocks: int | None = Field(default=None, description="Exact pool size (overrides bytes).")

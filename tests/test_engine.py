@@ -293,3 +293,21 @@ async def test_a_request_that_breaks_inside_the_engine_fails_alone(models: dict[
         assert outs[-1].finish_reason == "length"  # the engine thread is still serving
     finally:
         await engine.shutdown()
+
+
+def test_dummy_weights_serve_a_config_without_safetensors(tmp_path: Path, models: dict[str, Path]) -> None:
+    import shutil
+
+    shape_only = tmp_path / "shape-only"
+    shutil.copytree(models["llama"], shape_only, ignore=shutil.ignore_patterns("*.safetensors*"))
+    with pytest.raises(UnsupportedModel, match="safetensors"):
+        _engine(shape_only, tmp_path)
+    a = _engine(shape_only, tmp_path, load_format="dummy", seed=1)
+    b = _engine(shape_only, tmp_path, load_format="dummy", seed=1)
+    real = _engine(models["llama"], tmp_path)
+    ids = _prompts(12, [40], 2000)[0]
+    out_a = generate_blocking(a, [GenerationRequest("a", ids, _greedy(8))])["a"]
+    assert out_a == generate_blocking(b, [GenerationRequest("b", ids, _greedy(8))])["b"]  # same seed, same weights
+    # random weights never share a cache namespace with the real checkpoint of the same config
+    assert a.namespace.digest != real.namespace.digest
+    assert a.namespace.digest == b.namespace.digest

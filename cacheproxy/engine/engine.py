@@ -5,6 +5,7 @@ Only one thread drives an `LLMEngine` (the AsyncEngine's engine thread, or a tes
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from cacheproxy.engine.scheduler import ScheduledChunk, ScheduledStep, Scheduler
 from cacheproxy.engine.sequence import Sequence
 from cacheproxy.engine.step_context import StepContext, set_context
 from cacheproxy.engine.tokenizer import Tokenizer
-from cacheproxy.engine.weights import build_model, load_weights
+from cacheproxy.engine.weights import build_model, init_random_weights, load_weights
 from cacheproxy.log import get_logger
 
 log = get_logger(__name__)
@@ -90,8 +91,11 @@ class LLMEngine:
         shape = (num_blocks, cfg.num_hidden_layers, 2, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
         kv = torch.zeros(shape, dtype=self.dtype, device=device)
         self.pool = BlockPool(kv)
+        fingerprint = model_fingerprint(model_path)
+        if settings.load_format == "dummy":  # random weights: their KV must never meet a real model's
+            fingerprint = hashlib.sha256(b"dummy\0%d\0" % settings.seed + fingerprint).digest()
         namespace = Namespace(
-            model_fingerprint=model_fingerprint(model_path),
+            model_fingerprint=fingerprint,
             kv_dtype=str(self.dtype).removeprefix("torch."),
             block_size=self.block_size,
         )
@@ -130,7 +134,10 @@ class LLMEngine:
         dtype = pick_dtype(settings.dtype, device, cfg)
         torch.manual_seed(settings.seed)
         model = build_model(cfg, device, dtype)
-        load_weights(model, path)
+        if settings.load_format == "dummy":
+            init_random_weights(model, seed=settings.seed)
+        else:
+            load_weights(model, path)
         tokenizer = Tokenizer(path)
         return cls(settings, model, tokenizer, path, device, lower_tiers)
 
