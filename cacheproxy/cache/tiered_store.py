@@ -120,22 +120,29 @@ class TieredStore:
         that no demotion runs while CPU-tier slots are being read: protect the pool's blocks of the
         chain, allocate every block the lower-tier part needs, then verify and queue the copies)."""
         bs = self.block_size
-        resident = [self.pool.by_hash[h] for h in hashes if h in self.pool.by_hash]
-        for block in resident:
-            self.pool.acquire(block)
+        pool = self.pool
+        resident = [pool.by_hash[h] for h in hashes if h in pool.by_hash]
         to_load = len(hashes) - len(resident)
-        fresh = [self.pool.allocate() for _ in range(min(to_load, self.pool.num_free))]
+        if to_load:
+            for block in resident:
+                pool.acquire(block)
+        else:
+            resident = []  # nothing will be allocated: nothing to protect
+        fresh = [pool.allocate() for _ in range(min(to_load, pool.num_free))]
         blocks: list[int] = []
         by_tier: Counter[str] = Counter()
         parent = root
         now = time.time()
+        by_hash, identity, hits, last_use = pool.by_hash, pool.identity, pool.hits, pool.last_use
         for i, h in enumerate(hashes):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
-            block = self.pool.lookup(h, parent, toks)
-            if block is not None:
-                self.pool.acquire(block)
-                self.pool.hits[block] += 1
-                self.pool.last_use[block] = now
+            block = by_hash.get(h)
+            ident = identity[block] if block is not None else None
+            if ident is not None and ident.parent == parent and ident.token_ids == toks:
+                assert block is not None
+                pool.acquire(block)
+                hits[block] += 1
+                last_use[block] = now
                 by_tier[GPU] += bs
             else:
                 found = self._find_lower(h, parent, toks, self.tiers) if fresh else None
@@ -146,7 +153,7 @@ class TieredStore:
                 self._copy_in(block, entry, tier_name)
                 if len(self._pending_copies) >= 64:
                     self._issue_copies()  # the DMA starts while the rest of the chain is checked
-                self.pool.register(block, BlockIdentity(h, parent, toks, i))
+                pool.register(block, BlockIdentity(h, parent, toks, i))
                 by_tier[tier_name] += bs
             blocks.append(block)
             parent = h
