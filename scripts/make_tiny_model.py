@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tie-word-embeddings", action="store_true")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=DEFAULTS["dtype"])
     ap.add_argument("--shards", type=int, default=1, help="split the weights over N safetensors files")
+    ap.add_argument(
+        "--no-weights", action="store_true", help="config and tokenizer only: serve with CACHEPROXY_LOAD_FORMAT=dummy"
+    )
     args = ap.parse_args(argv)
     out = make_tiny_model(
         args.out_dir,
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         tie_word_embeddings=args.tie_word_embeddings,
         dtype=args.dtype,
         shards=args.shards,
+        weights=not args.no_weights,
     )
     print(out)
     return 0

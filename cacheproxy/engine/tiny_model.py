@@ -246,7 +246,8 @@ def _model_config(arch: str, tok: Tokenizer, p: dict[str, Any]) -> dict[str, Any
     cfg: dict[str, Any] = {
         "architectures": [cls_name],
         "model_type": model_type,
-        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        # the embedding may be wider than the tokenizer (as in many checkpoints), never narrower
+        "vocab_size": max(int(p["vocab_size"]), tok.get_vocab_size(with_added_tokens=True)),
         "hidden_size": p["hidden_size"],
         "intermediate_size": p["intermediate_size"],
         "num_hidden_layers": p["num_hidden_layers"],
@@ -343,11 +344,14 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrides: Any) -> Path:
+def make_tiny_model(
+    out_dir: Path, arch: str = "llama", seed: int = 0, *, weights: bool = True, **overrides: Any
+) -> Path:
     """Write the tiny model into `out_dir` (created) and return it.
 
     overrides: any key of DEFAULTS, e.g. num_hidden_layers=4, tie_word_embeddings=True,
-    dtype="bfloat16", shards=3.
+    dtype="bfloat16", shards=3. `weights=False` writes the config and tokenizer only: a model of any
+    shape to serve with `load_format=dummy` (random weights made on the device at start-up).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -363,13 +367,12 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0, **overrid
     uses_bos = ARCHITECTURES[arch][1] not in ("qwen2", "qwen3")
     tok = train_tokenizer(params["vocab_size"], add_bos=uses_bos)
     cfg = _model_config(arch, tok, params)
-    weights = _random_weights(arch, cfg, seed, params["init_std"])
-    dtype = getattr(torch, params["dtype"])
-    weights = {k: v.to(dtype).contiguous() for k, v in weights.items()}
-
     for stale in out_dir.glob("model*.safetensors*"):
         stale.unlink()
-    _write_weights(out_dir, weights, int(params["shards"]))
+    if weights:
+        dtype = getattr(torch, params["dtype"])
+        tensors = _random_weights(arch, cfg, seed, params["init_std"])
+        _write_weights(out_dir, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, int(params["shards"]))
     _write_json(out_dir / "config.json", cfg)
     tok.save(str(out_dir / "tokenizer.json"), pretty=False)
     added = {
