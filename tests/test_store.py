@@ -246,9 +246,12 @@ def test_fit_prefill_recovers_a_line() -> None:
 
 
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
-def test_prefix_split_between_recompute_and_load_gives_the_same_tokens(
-    models: dict[str, Path], tmp_path: Path, tier: str
+@pytest.mark.parametrize("load_us", [30.0, 100.0, 400.0])
+def test_prefix_met_in_the_middle_gives_the_same_tokens(
+    models: dict[str, Path], tmp_path: Path, tier: str, load_us: float
 ) -> None:
+    """Loads from the back, recompute from the front, wherever they meet (the estimate only sizes
+    the recompute's steps): the output is the cold one, every block ends up in the pool."""
     prompt = _prompt(7, 16 * 20 + 5)  # 20 full blocks, then 5 tokens
     engine = _engine(models["llama"], tmp_path, max_num_batched_tokens=64)
     cold = _run(engine, "cold", prompt)
@@ -257,14 +260,14 @@ def test_prefix_split_between_recompute_and_load_gives_the_same_tokens(
         engine.store.flush()
         for h in engine.store.tiers[0].hashes():  # type: ignore[attr-defined]
             engine.store.tiers[0].remove(h)
-    # a plan of 8 blocks recomputed (two 64-token steps) while 12 load
-    engine.store.cost_model = _cost({tier: 100.0 * 8 / 12})
-    assert engine.store.cost_model.plan([tier] * 20, 5) == LoadPlan(8, 12)
+    engine.store.cost_model = _cost({tier: load_us})
+    plan = engine.store.cost_model.plan([tier] * 20, 5)
+    assert plan.recompute > 0 and plan.load > 0
     split = _run(engine, "split", prompt)
     assert _tokens(split) == _tokens(cold)
-    assert split[0].cached_tokens == 12 * 16
-    assert split[0].cached_tokens_by_tier == {tier: 12 * 16}
-    # every block of the prefix is in the pool again: the next request hits all of it on the GPU
+    loaded = split[0].cached_tokens
+    assert 16 <= loaded < 20 * 16 and loaded % 16 == 0  # at least one block loads, one is recomputed
+    assert split[0].cached_tokens_by_tier == {tier: loaded}
     again = _run(engine, "again", prompt)
     assert again[0].cached_tokens_by_tier == {"gpu": 20 * 16}
     assert _tokens(again) == _tokens(cold)
@@ -279,8 +282,8 @@ def test_a_block_that_fails_its_check_while_loading_is_recomputed(models: dict[s
     cold = _run(engine, "cold", prompt)
     engine.store.evict_gpu()
     cpu = engine.store.tiers[0]
-    engine.store.cost_model = _cost({"cpu": 100.0})  # 6 recomputed, 6 loaded
-    # the 9th block vanishes from every tier after the plan counted it: loads stop there
+    engine.store.cost_model = _cost({"cpu": 100.0})
+    # the 9th block vanishes from every tier after the plan counted it: loads (from the back) stop there
     hashes = engine.hasher.hash_blocks(prompt, parent=engine.hasher.root(""))
     disk = engine.store.tiers[1]
     original_contains = cpu.contains
@@ -289,7 +292,7 @@ def test_a_block_that_fails_its_check_while_loading_is_recomputed(models: dict[s
     disk.remove(hashes[8])
     out = _run(engine, "split", prompt)
     assert _tokens(out) == _tokens(cold)
-    assert out[0].cached_tokens == 2 * 16  # blocks 6 and 7 loaded; 8 onwards recomputed
+    assert 16 <= out[0].cached_tokens <= 3 * 16  # some of blocks 9-11; 8 and before recomputed
     assert engine.pool.num_free == engine.pool.num_blocks
     engine.shutdown()
 

@@ -29,23 +29,32 @@ GPU = "gpu"
 
 @dataclass(eq=False)
 class PendingLoad:
-    """Blocks of a prefix loading while the blocks before them are recomputed."""
+    """The lower-tier part [start, end) of a prefix, met from both sides: the engine recomputes it
+    from the front while its blocks load from the back, until the two meet."""
 
-    start: int  # chain index of the first block to load
-    items: list[tuple[int, BlockIdentity]]  # (pool block, what it will hold), in chain order
-    next: int = 0  # items read and queued so far; the loaded prefix once `ready`
-    failed: bool = False  # an item could not be read: the load stops there
-    ready: bool = False  # every copy is queued (the device may still be running them)
+    start: int  # chain index of the first block of the part
+    items: list[tuple[int, BlockIdentity, str]]  # (pool block, what it will hold, its tier) per index
+    low: int = 0  # blocks [low, end) are loaded (queued on the copy stream)
+    floor: int = 0  # the recompute has claimed blocks below this: loads never go under it
+    ready: bool = False  # loading stopped (met the recompute, or a block could not be read)
     event: torch.cuda.Event | None = None
     by_tier: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.items)
+
+    def __post_init__(self) -> None:
+        self.low = self.end
+        self.floor = self.start
 
 
 class PrefixMatch(NamedTuple):
     blocks: list[int]  # pool blocks, each acquired once for the caller
     num_tokens: int  # tokens whose K/V are in `blocks` (or on their way, for a load done now)
     tokens_by_tier: dict[str, int]
-    # With a split plan: blocks from num_tokens up to pending.start are to be computed, and the
-    # ones after it are loading; `blocks` holds them all.
+    # With a split plan: the blocks from num_tokens on are recomputed and loaded at once until the
+    # two meet; `blocks` holds them all.
     pending: PendingLoad | None = None
 
 
@@ -112,7 +121,7 @@ class TieredStore:
             if plan.load == 0:  # recomputing is faster: only the GPU part is used
                 reach = first_lower
             elif plan.recompute > 0 and self.pool.num_free >= reach - first_lower:
-                return self._match_split(root, hashes[:reach], token_ids, first_lower, plan.recompute)
+                return self._match_split(root, hashes[:reach], token_ids, first_lower, lower_tiers)
         return self._match_now(root, hashes[:reach], token_ids)
 
     def _match_now(self, root: bytes, hashes: list[bytes], token_ids: list[int]) -> PrefixMatch:
@@ -167,48 +176,50 @@ class TieredStore:
         return PrefixMatch(blocks, len(blocks) * bs, dict(by_tier))
 
     def _match_split(
-        self, root: bytes, hashes: list[bytes], token_ids: list[int], first_lower: int, recompute: int
+        self, root: bytes, hashes: list[bytes], token_ids: list[int], first_lower: int, tiers: list[str]
     ) -> PrefixMatch:
-        """Blocks [0, first_lower) from the pool; [first_lower, first_lower + recompute) fresh, for the
-        caller to compute; the rest fresh, to be loaded by `advance_loads` meanwhile."""
+        """Blocks [0, first_lower) from the pool; the rest fresh, to be recomputed from the front by
+        the caller while `advance_loads` fills them from the back."""
         bs = self.block_size
         gpu = self._match_now(root, hashes[:first_lower], token_ids)
         if len(gpu.blocks) < first_lower:  # a pool block failed its check: the chain ends there
             return gpu
         blocks = list(gpu.blocks)
         blocks += [self.pool.allocate() for _ in range(len(hashes) - first_lower)]
-        start = first_lower + recompute
         items = []
-        for i in range(start, len(hashes)):
+        for i in range(first_lower, len(hashes)):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
-            items.append((blocks[i], BlockIdentity(hashes[i], hashes[i - 1] if i else root, toks, i)))
-        pending = PendingLoad(start, items)
+            ident = BlockIdentity(hashes[i], hashes[i - 1] if i else root, toks, i)
+            items.append((blocks[i], ident, tiers[i - first_lower]))
+        pending = PendingLoad(first_lower, items)
         self._pending_loads.append(pending)
         return PrefixMatch(blocks, gpu.num_tokens, gpu.tokens_by_tier, pending)
 
-    # --- loads that run beside the compute (meet in the middle) ----------------------------
+    # --- loads that run beside the recompute (meet in the middle) --------------------------
     @property
     def has_pending_loads(self) -> bool:
         return bool(self._pending_loads)
 
     def advance_loads(self, budget_s: float) -> None:
-        """Reads and copies queued blocks for about `budget_s` (at least one block): called by the
-        engine right after it launched a step, while the device computes."""
+        """Reads and queues blocks, last first, for about `budget_s` (at least one block): called by
+        the engine right after it launched a step, while the device computes. A load stops where
+        the recompute's claim (`floor`) begins, or at a block that cannot be read."""
         deadline = time.perf_counter() + budget_s
         while self._pending_loads:
             p = self._pending_loads[0]
-            while p.next < len(p.items) and not p.failed:
-                block, ident = p.items[p.next]
+            while p.low - 1 >= p.floor:
+                t0 = time.perf_counter()
+                block, ident, _ = p.items[p.low - 1 - p.start]
                 found = self._find_lower(ident.hash, ident.parent, ident.token_ids, self.tiers)
-                if found is None:  # gone or failed its check since the plan: the rest is recomputed
-                    p.failed = True
+                if found is None:  # gone or failed its check since the plan: recomputed instead
                     break
                 entry, tier_name = found
                 self._copy_in(block, entry, tier_name)
                 if len(self._pending_copies) >= 64:
                     self._issue_copies()
                 p.by_tier[tier_name] += self.block_size
-                p.next += 1
+                p.low -= 1
+                self._observe_load(tier_name, time.perf_counter() - t0)
                 if time.perf_counter() > deadline:
                     self._issue_copies()
                     return
@@ -221,16 +232,26 @@ class TieredStore:
             if time.perf_counter() > deadline:
                 return
 
-    def finish_load(self, p: PendingLoad) -> int:
+    def _observe_load(self, tier_name: str, seconds: float) -> None:
+        """Keeps the cost model's load time of host-bound tiers (disk, remote) to what loads take now
+        (page cache, device, network), not what they took at start-up. A pinned CPU tier's host
+        time hides its DMA, so it keeps its measured figure."""
+        cm = self.cost_model
+        tier = next((t for t in self.tiers if t.name == tier_name), None)
+        if cm is None or tier is None or getattr(tier, "get_view", None) is not None:
+            return
+        old = cm.load_s_per_block.get(tier_name, seconds)
+        cm.load_s_per_block[tier_name] = 0.8 * old + 0.2 * seconds
+
+    def finish_load(self, p: PendingLoad) -> None:
         """Hands a finished load to its sequence: the compute stream waits for its copies, and the
-        loaded blocks join the prefix cache. Returns how many blocks were loaded."""
+        loaded blocks [low, end) join the prefix cache."""
         assert p.ready
         if p.event is not None:
             torch.cuda.current_stream(self.pool.kv.device).wait_event(p.event)
-        for block, ident in p.items[: p.next]:
+        for block, ident, _ in p.items[p.low - p.start :]:
             self.pool.register(block, ident)  # False: an equal block was published meanwhile
         self.counters.hits_tokens.update(p.by_tier)
-        return p.next
 
     def cancel_load(self, p: PendingLoad) -> None:
         """The sequence is gone: stop loading; its blocks may be reused once the copies landed."""

@@ -85,8 +85,8 @@ class Scheduler:
             remaining = seq.num_tokens - seq.num_computed
             if id(seq) in scheduled or (remaining <= 1 and seq.num_computed > 0):
                 continue
-            n = min(self._until_loads(seq, remaining), budget)
-            if not self._ensure_blocks(seq, seq.num_computed + n):
+            n = self._next_chunk(seq, remaining, budget)
+            if n == 0 or not self._ensure_blocks(seq, seq.num_computed + n):
                 continue
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             scheduled.add(id(seq))
@@ -97,7 +97,7 @@ class Scheduler:
             if not self._admit(seq, budget):
                 break
             self.waiting.popleft()
-            n = min(self._until_loads(seq, seq.num_tokens - seq.num_computed), budget)
+            n = self._next_chunk(seq, seq.num_tokens - seq.num_computed, budget)
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
         return ScheduledStep(chunks)
@@ -128,26 +128,46 @@ class Scheduler:
         self.running.append(seq)
         return True
 
-    def _until_loads(self, seq: Sequence, remaining: int) -> int:
-        """A sequence whose later prefix blocks are loading computes only up to them."""
+    def _next_chunk(self, seq: Sequence, remaining: int, budget: int) -> int:
+        """How many tokens a sequence computes next. One whose later prefix blocks are loading
+        recomputes from the front toward them: while they load, a share of the gap sized so that
+        both sides take about as long (re-planned every step, so a slow tier just lets the
+        recompute go further); once the loads stopped, all the gap up to them."""
         p = seq.pending_load
         if p is None:
-            return remaining
-        return p.start * self.block_size - seq.num_computed
+            return min(remaining, budget)
+        bs = self.block_size
+        gap = p.low * bs - seq.num_computed
+        if p.ready or gap <= 0:
+            return min(max(gap, 0), budget)
+        cm = self.store.cost_model
+        gap_blocks = -(-gap // bs)
+        if cm is None:
+            share = gap_blocks
+        else:
+            load = cm.load_s_per_block.get(p.items[p.low - 1 - p.start][2], cm.recompute_s_per_block)
+            share = max(1, round(gap_blocks * load / (load + cm.recompute_s_per_block)))
+        n = min(gap, share * bs - seq.num_computed % bs, budget)
+        p.floor = max(p.floor, -(-(seq.num_computed + n) // bs))
+        return n
 
     def _land_loads(self, seq: Sequence) -> bool:
-        """When the recomputed part is done and the loads have all been issued, the sequence skips
-        over its loaded blocks. False while it must wait."""
+        """When the recompute has met the loaded blocks, the sequence skips over them. False while it
+        must wait for the loads to stop (the recompute has reached them first)."""
         p = seq.pending_load
         assert p is not None
-        if seq.num_computed < p.start * self.block_size or not p.ready:
-            return seq.num_computed < p.start * self.block_size
-        loaded = self.store.finish_load(p)
+        bs = self.block_size
+        if seq.num_computed < p.low * bs:
+            return True  # more to recompute; loads may still come
+        if not p.ready:
+            return False
+        self.store.finish_load(p)
         seq.pending_load = None
-        seq.num_computed = (p.start + loaded) * self.block_size
-        seq.num_registered = p.start + loaded
+        loaded = p.end - p.low
+        seq.num_computed = p.end * bs
+        seq.num_registered = p.end
         if not seq.reported_first:
-            seq.cached_tokens += loaded * self.block_size
+            seq.cached_tokens += loaded * bs
             for tier, n in p.by_tier.items():
                 seq.cached_by_tier[tier] = seq.cached_by_tier.get(tier, 0) + n
         return True
