@@ -142,16 +142,16 @@ class TieredStore:
         by_tier: Counter[str] = Counter()
         parent = root
         now = time.time()
-        by_hash, identity, hits, last_use = pool.by_hash, pool.identity, pool.hits, pool.last_use
+        by_hash, identity, ref_counts, free = pool.by_hash, pool.identity, pool.ref_counts, pool.free
         for i, h in enumerate(hashes):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             block = by_hash.get(h)
             ident = identity[block] if block is not None else None
             if ident is not None and ident.parent == parent and ident.token_ids == toks:
                 assert block is not None
-                pool.acquire(block)
-                hits[block] += 1
-                last_use[block] = now
+                if ref_counts[block] == 0:  # pool.acquire, inlined: this loop runs per block of a prompt
+                    del free[block]
+                ref_counts[block] += 1
                 by_tier[GPU] += bs
             else:
                 found = self._find_lower(h, parent, toks, self.tiers) if fresh else None
@@ -166,6 +166,10 @@ class TieredStore:
                 by_tier[tier_name] += bs
             blocks.append(block)
             parent = h
+        if by_tier[GPU]:  # what `entries` reports per chain is the max over its blocks: the leaf's
+            leaf = next(b for b in reversed(blocks) if identity[b] is not None)
+            pool.hits[leaf] += 1
+            pool.last_use[leaf] = now
         for block in fresh + resident:
             self.pool.release(block)
         self._issue_copies()
