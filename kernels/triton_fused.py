@@ -214,6 +214,7 @@ def rotary(
         num_q_heads, num_heads, half,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+        enable_fp_fusion=False,  # no fused multiply-add: each product is rounded, as in the reference
     )  # fmt: skip
     return q, k
 
