@@ -23,6 +23,9 @@ import torch
 from cacheproxy.cache.block_entry import BlockEntry
 from cacheproxy.cache.tier import KVTier
 
+# A split plan must beat the better of loading and recomputing everything by this factor.
+SPLIT_MARGIN = 0.8
+
 
 class LoadPlan(NamedTuple):
     """Of the lower-tier blocks of a prefix: the first `recompute` are computed again while the
@@ -77,11 +80,13 @@ class CostModel:
         recompute_all = self.prefill_s(n * bs + tail_tokens)
         if recompute_all < best[0]:
             best = (recompute_all, LoadPlan(n, 0))
+        split = (float("inf"), LoadPlan(0, n))
         for k in range(1, n):
             t = max(self.prefill_s(k * bs), suffix[k]) + tail
-            if t < best[0]:
-                best = (t, LoadPlan(k, n - k))
-        return best[1]
+            if t < split[0]:
+                split = (t, LoadPlan(k, n - k))
+        # Splitting runs two passes and relies on both estimates; it has to win clearly.
+        return split[1] if split[0] < SPLIT_MARGIN * best[0] else best[1]
 
     def as_dict(self) -> dict[str, object]:
         return {

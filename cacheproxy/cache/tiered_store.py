@@ -34,6 +34,7 @@ class PendingLoad:
 
     start: int  # chain index of the first block of the part
     items: list[tuple[int, BlockIdentity, str]]  # (pool block, what it will hold, its tier) per index
+    planned_recompute: int = 0  # blocks the plan recomputes while the others load
     low: int = 0  # blocks [low, end) are loaded (queued on the copy stream)
     floor: int = 0  # the recompute has claimed blocks below this: loads never go under it
     ready: bool = False  # loading stopped (met the recompute, or a block could not be read)
@@ -121,7 +122,7 @@ class TieredStore:
             if plan.load == 0:  # recomputing is faster: only the GPU part is used
                 reach = first_lower
             elif plan.recompute > 0 and self.pool.num_free >= reach - first_lower:
-                return self._match_split(root, hashes[:reach], token_ids, first_lower, lower_tiers)
+                return self._match_split(root, hashes[:reach], token_ids, first_lower, lower_tiers, plan.recompute)
         return self._match_now(root, hashes[:reach], token_ids)
 
     def _match_now(self, root: bytes, hashes: list[bytes], token_ids: list[int]) -> PrefixMatch:
@@ -180,7 +181,13 @@ class TieredStore:
         return PrefixMatch(blocks, len(blocks) * bs, dict(by_tier))
 
     def _match_split(
-        self, root: bytes, hashes: list[bytes], token_ids: list[int], first_lower: int, tiers: list[str]
+        self,
+        root: bytes,
+        hashes: list[bytes],
+        token_ids: list[int],
+        first_lower: int,
+        tiers: list[str],
+        recompute: int,
     ) -> PrefixMatch:
         """Blocks [0, first_lower) from the pool; the rest fresh, to be recomputed from the front by
         the caller while `advance_loads` fills them from the back."""
@@ -195,7 +202,7 @@ class TieredStore:
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             ident = BlockIdentity(hashes[i], hashes[i - 1] if i else root, toks, i)
             items.append((blocks[i], ident, tiers[i - first_lower]))
-        pending = PendingLoad(first_lower, items)
+        pending = PendingLoad(first_lower, items, recompute)
         self._pending_loads.append(pending)
         return PrefixMatch(blocks, gpu.num_tokens, gpu.tokens_by_tier, pending)
 

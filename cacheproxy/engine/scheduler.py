@@ -130,24 +130,18 @@ class Scheduler:
 
     def _next_chunk(self, seq: Sequence, remaining: int, budget: int) -> int:
         """How many tokens a sequence computes next. One whose later prefix blocks are loading
-        recomputes from the front toward them: while they load, a share of the gap sized so that
-        both sides take about as long (re-planned every step, so a slow tier just lets the
-        recompute go further); once the loads stopped, all the gap up to them."""
+        recomputes from the front toward them: first the blocks the plan gave the recompute (the
+        loads run meanwhile, from the back); then the loads stop wherever they got to and the rest
+        of the gap is recomputed (a tier slower than planned costs recompute, never waiting)."""
         p = seq.pending_load
         if p is None:
             return min(remaining, budget)
         bs = self.block_size
-        gap = p.low * bs - seq.num_computed
-        if p.ready or gap <= 0:
-            return min(max(gap, 0), budget)
-        cm = self.store.cost_model
-        gap_blocks = -(-gap // bs)
-        if cm is None:
-            share = gap_blocks
-        else:
-            load = cm.load_s_per_block.get(p.items[p.low - 1 - p.start][2], cm.recompute_s_per_block)
-            share = max(1, round(gap_blocks * load / (load + cm.recompute_s_per_block)))
-        n = min(gap, share * bs - seq.num_computed % bs, budget)
+        planned_end = min(p.start + max(1, p.planned_recompute), p.low) * bs
+        if not p.ready and seq.num_computed >= planned_end:
+            p.floor = p.low  # the loader stops at its next turn
+        end = p.low * bs if p.ready or p.floor == p.low else planned_end
+        n = min(max(end - seq.num_computed, 0), budget)
         p.floor = max(p.floor, -(-(seq.num_computed + n) // bs))
         return n
 
