@@ -92,6 +92,22 @@ def test_committed_entries_survive_a_restart(tmp_path: Path) -> None:
     second.close()
 
 
+def test_stored_hashes_are_known_across_restarts_and_deletes(tmp_path: Path) -> None:
+    entries = _chain(4)
+    first = DiskTier(tmp_path / "kv.lmdb", NAMESPACE.digest, map_size=16 << 20)
+    for e in entries:
+        assert first.put(e)
+    assert first.remove(entries[1].hash)
+    assert [first.contains(e.hash) for e in entries] == [True, False, True, True]
+    first.close()
+    second = DiskTier(tmp_path / "kv.lmdb", NAMESPACE.digest, map_size=16 << 20)
+    assert [second.contains(e.hash) for e in entries] == [True, False, True, True]
+    second.drop_page_cache()  # reads then come from the device; the values are the same
+    got = second.get(entries[3].hash)
+    assert got is not None and torch.equal(got.tensor, entries[3].tensor)
+    second.close()
+
+
 def test_a_flipped_byte_on_disk_is_dropped_counted_and_never_served(tmp_path: Path) -> None:
     path = tmp_path / "kv.lmdb"
     tier = DiskTier(path, NAMESPACE.digest, map_size=16 << 20)

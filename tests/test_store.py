@@ -242,6 +242,13 @@ def test_plan_picks_load_recompute_or_the_meeting_point() -> None:
     assert p.recompute + p.load == len(tiers)
 
 
+def test_every_pass_costs_at_least_one_block_pass() -> None:
+    cm = CostModel(16, 1, 1e5, {}, prefill_fixed_s=0.001, prefill_min_s=0.004)
+    assert cm.prefill_s(0) == 0.0
+    assert cm.prefill_s(16) == pytest.approx(0.004)  # a short pass still reads all the weights
+    assert cm.prefill_s(1000) == pytest.approx(0.011)
+
+
 def test_fit_prefill_recovers_a_line() -> None:
     fixed, rate = fit_prefill((64, 0.010 + 64e-5), (2048, 0.010 + 2048e-5))
     assert fixed == pytest.approx(0.010)

@@ -41,7 +41,8 @@ class CostModel:
     block_bytes: int
     prefill_tokens_per_s: float  # at the measured long prefill, fixed part included
     load_s_per_block: dict[str, float] = field(default_factory=dict)
-    prefill_fixed_s: float = 0.0  # the cost of a forward pass of (almost) no tokens
+    prefill_fixed_s: float = 0.0  # intercept of the line through the two long prefills
+    prefill_min_s: float = 0.0  # a pass of one block: every pass reads all the weights at least once
 
     @property
     def per_token_s(self) -> float:
@@ -53,7 +54,9 @@ class CostModel:
 
     def prefill_s(self, num_tokens: int) -> float:
         """Estimated time of a prefill of `num_tokens` new tokens (0 for none)."""
-        return self.prefill_fixed_s + num_tokens * self.per_token_s if num_tokens > 0 else 0.0
+        if num_tokens <= 0:
+            return 0.0
+        return max(self.prefill_min_s, self.prefill_fixed_s + num_tokens * self.per_token_s)
 
     def worth_loading(self) -> dict[str, bool]:
         """Per tier, whether one block loads faster than it recomputes (reported; `plan` decides)."""
@@ -92,6 +95,7 @@ class CostModel:
         return {
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
             "prefill_fixed_us": round(self.prefill_fixed_s * 1e6, 2),
+            "prefill_min_us": round(self.prefill_min_s * 1e6, 2),
             "recompute_us_per_block": round(self.recompute_s_per_block * 1e6, 2),
             "load_us_per_block": {k: round(v * 1e6, 2) for k, v in self.load_s_per_block.items()},
             "worth_loading": self.worth_loading(),
@@ -135,8 +139,13 @@ def measure_load_times(
             if not probes:
                 continue
             get_view = getattr(tier, "get_view", None)  # the path TieredStore takes: a view where offered
+            # A tier on a file is timed with its pages out of the OS cache: the first prefix after a
+            # restart reads from the device, and an optimistic figure would split plans that lose.
+            # Loads then keep the figure current (TieredStore._observe_load).
+            drop_cache = getattr(tier, "drop_page_cache", None) or (lambda: None)
 
-            def load(tier: KVTier = tier, probes: list[BlockEntry] = probes, get_view=get_view) -> None:  # type: ignore[no-untyped-def]
+            def load(tier: KVTier = tier, probes: list[BlockEntry] = probes, get_view=get_view, drop_cache=drop_cache) -> None:  # type: ignore[no-untyped-def]
+                drop_cache()
                 for probe in probes:
                     entry = get_view(probe.hash) if get_view is not None else tier.get(probe.hash)
                     if entry is None:

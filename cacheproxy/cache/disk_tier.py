@@ -36,6 +36,7 @@ as of its last write).
 
 from __future__ import annotations
 
+import os
 import queue
 import struct
 import threading
@@ -249,6 +250,23 @@ class DiskTier:
         self._queue.put(("stop", None))
         self._writer.join()
         self._env.close()
+
+    def drop_page_cache(self) -> None:
+        """Asks the OS to forget the data file's cached pages (committed ones are clean), so that the
+        next reads come from the device: what a restart or memory pressure leaves. Best effort."""
+        fadvise = getattr(os, "posix_fadvise", None)
+        if fadvise is None:
+            return
+        try:
+            fd = os.open(self.path / "data.mdb", os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def storage_info(self) -> dict[str, int]:
         """What LMDB itself reports: map_size, psize, last_pgno (pages in use), entries, readers."""

@@ -233,12 +233,17 @@ class LLMEngine:
         timed(ids, 1)  # warm-up (kernel compilation, allocator)
         timed(ids[:short], 1)
         fixed, tokens_per_s = fit_prefill((short, timed(ids[:short], 3)), (n, timed(ids, 2)))
+        one_block = ids[: min(n, self.block_size)]
+        timed(one_block, 1)
+        min_pass = timed(one_block, 3)
         scratch = self.pool.allocate()
         try:
             loads = measure_load_times(self.store.tiers, self.pool.kv[scratch], sync)
         finally:
             self.pool.release(scratch)
-        cost = CostModel(self.block_size, self.pool.block_bytes, tokens_per_s, loads, prefill_fixed_s=fixed)
+        cost = CostModel(
+            self.block_size, self.pool.block_bytes, tokens_per_s, loads, prefill_fixed_s=fixed, prefill_min_s=min_pass
+        )
         log.info("cost model", **cost.as_dict())
         return cost
 
