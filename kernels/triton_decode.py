@@ -11,6 +11,7 @@ Callers validate arguments first (`kernels.triton_ops`); these launchers trust w
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -103,6 +104,7 @@ def _paged_decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     PREFETCH_PAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -116,9 +118,6 @@ def _paged_decode_split_kernel(
     row_ok = rows < GROUP
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
-    )
 
     row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([GROUP_PAD], tl.float32)
@@ -130,6 +129,13 @@ def _paged_decode_split_kernel(
     offsets = tl.arange(0, BLOCK_N)
     if PREFETCH_PAGES:  # the K/V addresses then depend on a value loaded an iteration earlier
         next_pages = tl.load(bt_row + ((start + offsets) // PAGE_SIZE) * stride_btn, mask=start + offsets < end, other=0)
+    if USE_PDL:
+        # Launched before the previous kernel (rotary, write_kv) finished: lengths and block ids come
+        # from the step's inputs, written long before; q and the new K/V only once it has.
+        tl.extra.cuda.gdc_wait()
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    )
     for tile_start in range(start, end, BLOCK_N):
         tokens = tile_start + offsets
         token_ok = tokens < end
@@ -159,6 +165,8 @@ def _paged_decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = m_new
 
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the merge may launch now; it waits for our stores
     # An empty split (past the context, or a zero-length context) leaves denom == 0: it writes zeros
     # and a log-sum-exp of -inf, which the merge weighs as nothing.
     nonempty = denom > 0.0
@@ -188,7 +196,10 @@ def _decode_merge_kernel(
     num_splits,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # launched while the split kernel finishes: wait for its stores
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -240,6 +251,8 @@ def launch_paged_decode(
         p_strides = part_out.stride()[:3]
         l_strides = part_lse.stride()[:2]
     grid = (batch, num_kv_heads, plan.num_splits)
+    pdl = use_pdl(q.device)
+    launch = {"launch_pdl": True} if pdl else {}
     _paged_decode_split_kernel[grid](
         q, k_cache, v_cache, block_table, context_lens, out, part_out, part_lse,
         scale * 1.4426950408889634,  # log2(e): the kernels use exp2
@@ -259,8 +272,10 @@ def launch_paged_decode(
         SINGLE_SPLIT=single,
         PREFETCH_PAGES=tiling.prefetch_pages,
         DOT_PRECISION=dot_precision(q.dtype),
+        USE_PDL=pdl,
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
+        **launch,
     )
     if not single:
         _decode_merge_kernel[(batch, num_q_heads)](
@@ -271,6 +286,26 @@ def launch_paged_decode(
             plan.num_splits,
             SPLITS_PAD=triton.next_power_of_2(plan.num_splits),
             HEAD_DIM=head_dim,
+            USE_PDL=pdl,
             num_warps=4,
+            **launch,
         )
     return out
+
+
+# Programmatic dependent launch (Hopper and later): each decode kernel may be launched while the
+# kernel before it finishes, and waits on the device for that kernel's writes. A batch-1 decode is
+# mostly fixed latency (two short kernels per layer), which this overlaps. CACHEPROXY_DECODE_PDL=0
+# turns it off.
+DECODE_PDL = os.environ.get("CACHEPROXY_DECODE_PDL", "1") != "0"
+
+
+@functools.cache
+def _supports_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    if not DECODE_PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _supports_pdl(device.index if device.index is not None else torch.cuda.current_device())

@@ -36,7 +36,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import triton_ops
+from kernels import triton_decode, triton_ops
 from kernels.triton_decode import (
     DecodeSplitPlan,
     DecodeTiling,
@@ -231,6 +231,22 @@ def in_step_us(batch: int, context: int) -> tuple[float, int]:
     return us, layers
 
 
+def pdl_ab(ceiling: float) -> list[str]:
+    """Decode in a step with programmatic dependent launch off and on (same process, same shapes)."""
+    lines = ["", "Decode in a step, programmatic dependent launch off / on (µs per layer, % of copy ceiling):", ""]
+    for batch, context in ((1, 1024), (1, 8192), (1, 32768), (8, 8192), (64, 8192)):
+        kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 2
+        cells = []
+        for flag in (False, True):
+            triton_decode.DECODE_PDL = flag
+            us, _ = in_step_us(batch, context)
+            cells.append(f"{us:.1f} ({kv_bytes / us / 1e3 / ceiling:.0%})")
+        triton_decode.DECODE_PDL = True
+        lines.append(f"- batch {batch}, context {context}: off {cells[0]} / on {cells[1]}")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def bench_decode(ceiling: float) -> list[str]:
     rows = [
         "| batch | context | splits | graph µs | eager µs | GB/s (graph) | % of copy ceiling | target ≥70% at 8k+ "
@@ -366,6 +382,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time other tilings and split counts")
     parser.add_argument("--skip-decode", action="store_true", help="leave out the decode table")
+    parser.add_argument("--pdl-ab", action="store_true", help="only: decode in a step with PDL off and on")
     parser.add_argument("--out", type=Path, help="also write the markdown here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -387,6 +404,11 @@ def main() -> None:
         "",
     ]
     print("\n".join(header), flush=True)
+    if args.pdl_ab:
+        text = "\n".join(header + pdl_ab(ceiling)) + "\n"
+        if args.out:
+            args.out.write_text(text)
+        return
     lines = header + ([] if args.skip_decode else bench_decode(ceiling))
     lines += ["", "Prefix prefill: 512 new tokens, 32/8 heads, D 128, bf16, block 16; SDPA on contiguous K/V.", ""]
     print("\n".join(lines[-3:]), flush=True)
