@@ -20,6 +20,7 @@ from cacheproxy.cache.block_entry import BlockEntry
 from cacheproxy.cache.cost_model import CostModel
 from cacheproxy.cache.cpu_tier import CpuTier
 from cacheproxy.cache.disk_tier import DiskTier
+from cacheproxy.cache.fastpath import resident_prefix
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.config import Settings
 from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
@@ -126,25 +127,33 @@ class TieredStore:
         return self._match_now(root, hashes[:reach], token_ids)
 
     def _match_now(self, root: bytes, hashes: list[bytes], token_ids: list[int]) -> PrefixMatch:
-        """Every block of `hashes` from wherever it is, lower tiers copied in now (three passes, so
-        that no demotion runs while CPU-tier slots are being read: protect the pool's blocks of the
-        chain, allocate every block the lower-tier part needs, then verify and queue the copies)."""
+        """Every block of `hashes` from wherever it is, lower tiers copied in now. The leading run of
+        verified pool blocks is taken in one call; then three passes over the rest, so that no
+        demotion runs while CPU-tier slots are being read: protect the pool's blocks of the chain,
+        allocate every block the lower-tier part needs, then verify and queue the copies."""
         bs = self.block_size
         pool = self.pool
-        resident = [pool.by_hash[h] for h in hashes if h in pool.by_hash]
-        to_load = len(hashes) - len(resident)
+        by_hash, identity, ref_counts, free = pool.by_hash, pool.identity, pool.ref_counts, pool.free
+        # The leading run of verified pool blocks, acquired for the caller, in one call (C where
+        # built): the common case is a whole prefix in the pool. Acquiring them first also protects
+        # them from the allocations below, as the pass over the rest does for its pool blocks.
+        blocks = resident_prefix(hashes, token_ids, root, bs, by_hash, identity, ref_counts, free)
+        by_tier: Counter[str] = Counter()
+        if blocks:
+            by_tier[GPU] = bs * len(blocks)
+        lead = len(blocks)
+        rest = hashes[lead:]
+        resident = [by_hash[h] for h in rest if h in by_hash]
+        to_load = len(rest) - len(resident)
         if to_load:
             for block in resident:
                 pool.acquire(block)
         else:
             resident = []  # nothing will be allocated: nothing to protect
         fresh = [pool.allocate() for _ in range(min(to_load, pool.num_free))]
-        blocks: list[int] = []
-        by_tier: Counter[str] = Counter()
-        parent = root
+        parent = hashes[lead - 1] if lead else root
         now = time.time()
-        by_hash, identity, ref_counts, free = pool.by_hash, pool.identity, pool.ref_counts, pool.free
-        for i, h in enumerate(hashes):
+        for i, h in enumerate(rest, start=lead):
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             block = by_hash.get(h)
             ident = identity[block] if block is not None else None

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cacheproxy.cache.cost_model import CostModel, fit_prefill, measure_load_times
+from cacheproxy.cache.fastpath import token_bounds
 from cacheproxy.cache.hashing import BlockHasher, Namespace
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.cache.tiered_store import TieredStore, build_lower_tiers
@@ -264,7 +265,11 @@ class LLMEngine:
                 "context_length_exceeded",
             )
         vocab = self.config.vocab_size
-        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+        try:
+            lowest, highest = token_bounds(req.prompt_token_ids)
+        except (OverflowError, TypeError):  # beyond int64, or not integers: not in the vocabulary
+            lowest = highest = -1
+        if lowest < 0 or highest >= vocab:
             raise EngineError(f"token ids must be in [0, {vocab})", "invalid_prompt")
         need = -(-(n + params.max_tokens) // self.block_size)
         if need > self.pool.num_blocks:
