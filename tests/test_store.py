@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cacheproxy.cache import cost_model
 from cacheproxy.cache.cost_model import CostModel, LoadPlan, fit_prefill
 from cacheproxy.config import Settings
 from cacheproxy.engine.engine import LLMEngine
@@ -222,10 +223,12 @@ def test_plan_picks_load_recompute_or_the_meeting_point() -> None:
     assert _cost({"cpu": 0.0}).plan(["cpu"] * 10, 5) == LoadPlan(0, 10)
     assert _cost({"disk": 1e9}).plan(["disk"] * 10, 5) == LoadPlan(10, 0)
     # equal costs: half recomputed while the other half loads
-    assert _cost({"disk": 100.0}).plan(["disk"] * 10, 5) == LoadPlan(5, 5)
+    assert _cost({"disk": 100.0}).plan(["disk"] * 100, 5) == LoadPlan(50, 50)
     # a load 3x slower than a recompute: a quarter loads
-    plan = _cost({"disk": 300.0}).plan(["disk"] * 40, 5)
-    assert plan == LoadPlan(30, 10)
+    plan = _cost({"disk": 300.0}).plan(["disk"] * 400, 5)
+    assert plan == LoadPlan(300, 100)
+    # too short to risk a split: one slow block read would be 7.5% of the recompute
+    assert _cost({"disk": 300.0}).plan(["disk"] * 40, 5) == LoadPlan(40, 0)
     # a fixed forward cost makes a short recompute not worth it: the fast tier loads everything
     assert _cost({"cpu": 10.0}, fixed_us=5000.0).plan(["cpu"] * 20, 5) == LoadPlan(0, 20)
     # the plan is never slower than recomputing or loading everything
@@ -240,6 +243,14 @@ def test_plan_picks_load_recompute_or_the_meeting_point() -> None:
     assert t_plan <= cm.prefill_s(len(tiers) * 16 + 40) + 1e-12
     assert t_plan <= sum(load) + cm.prefill_s(40) + 1e-12
     assert p.recompute + p.load == len(tiers)
+
+
+def test_short_prefixes_are_not_split_where_slow_loads_would_cost_extra_passes() -> None:
+    # the H200 figures: 39 k tokens/s, a 5.7 ms one-block pass, disk probed at 0.7 ms a block
+    cm = CostModel(16, 1, 39_000, {"disk": 705e-6}, prefill_fixed_s=52e-6, prefill_min_s=5.67e-3)
+    assert cm.plan(["disk"] * 128, 64).load == 0  # 2k tokens: recomputed (a lagging split cost 68.6 vs 52 ms)
+    long = cm.plan(["disk"] * 2048, 64)
+    assert long.recompute > 0 and long.load > 0  # 32k tokens: worth splitting, the regret is under 5%
 
 
 def test_every_pass_costs_at_least_one_block_pass() -> None:
@@ -258,10 +269,11 @@ def test_fit_prefill_recovers_a_line() -> None:
 @pytest.mark.parametrize("tier", ["cpu", "disk"])
 @pytest.mark.parametrize("load_us", [100.0, 150.0, 250.0])
 def test_prefix_met_in_the_middle_gives_the_same_tokens(
-    models: dict[str, Path], tmp_path: Path, tier: str, load_us: float
+    models: dict[str, Path], tmp_path: Path, tier: str, load_us: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Loads from the back, recompute from the front, wherever they meet (the estimate only sizes
     the recompute's steps): the output is the cold one, every block ends up in the pool."""
+    monkeypatch.setattr(cost_model, "SPLIT_MAX_REGRET", 1.0)  # a short prompt, split all the same
     prompt = _prompt(7, 16 * 20 + 5)  # 20 full blocks, then 5 tokens
     engine = _engine(models["llama"], tmp_path, max_num_batched_tokens=64)
     cold = _run(engine, "cold", prompt)
@@ -286,7 +298,10 @@ def test_prefix_met_in_the_middle_gives_the_same_tokens(
     engine.shutdown()
 
 
-def test_a_block_that_fails_its_check_while_loading_is_recomputed(models: dict[str, Path], tmp_path: Path) -> None:
+def test_a_block_that_fails_its_check_while_loading_is_recomputed(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cost_model, "SPLIT_MAX_REGRET", 1.0)
     prompt = _prompt(8, 16 * 12 + 3)
     engine = _engine(models["llama"], tmp_path)
     cold = _run(engine, "cold", prompt)
@@ -307,7 +322,10 @@ def test_a_block_that_fails_its_check_while_loading_is_recomputed(models: dict[s
     engine.shutdown()
 
 
-def test_aborting_while_blocks_load_frees_everything(models: dict[str, Path], tmp_path: Path) -> None:
+def test_aborting_while_blocks_load_frees_everything(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cost_model, "SPLIT_MAX_REGRET", 1.0)
     prompt = _prompt(9, 16 * 20 + 1)
     engine = _engine(models["llama"], tmp_path, max_num_batched_tokens=32)
     _run(engine, "cold", prompt)

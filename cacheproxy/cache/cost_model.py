@@ -25,6 +25,8 @@ from cacheproxy.cache.tier import KVTier
 
 # A split plan must beat the better of loading and recomputing everything by this factor.
 SPLIT_MARGIN = 0.8
+# ... and what it risks if the loads fall behind must stay under this share of the recompute.
+SPLIT_MAX_REGRET = 0.05
 
 
 class LoadPlan(NamedTuple):
@@ -84,6 +86,12 @@ class CostModel:
         if recompute_all < best[0]:
             best = (recompute_all, LoadPlan(n, 0))
         split = (float("inf"), LoadPlan(0, n))
+        # If the loads turn out slower than measured, a split costs its extra passes (recompute, rest,
+        # tail: two more than one) and one block read over recomputing everything; that regret must be
+        # small next to the recompute, or the prefix is too short to split.
+        regret = 2 * self.prefill_min_s + max(cost)
+        if regret > SPLIT_MAX_REGRET * recompute_all:
+            return best[1]
         for k in range(1, n):
             t = max(self.prefill_s(k * bs), suffix[k]) + tail
             if t < split[0]:
