@@ -151,3 +151,48 @@ def test_tier_round_trip_on_cuda_with_pinned_cpu_tier(tmp_path: Path) -> None:
     assert t_disk == {"disk": 496}
     assert disk == gpu
     engine.shutdown()
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_prefix_met_in_the_middle_on_cuda(tmp_path: Path, tier: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recompute from the front while blocks load from the back on the copy stream: the compute stream
+    must wait for the copies (an event) before the tail reads them; the tokens are the GPU hit's."""
+    from cacheproxy.cache import cost_model
+    from cacheproxy.cache.cost_model import CostModel
+
+    monkeypatch.setattr(cost_model, "SPLIT_MAX_REGRET", 1.0)  # a short prompt, split all the same
+    model = make_tiny_model(tmp_path / "peaked", "llama", seed=11, init_std=0.15, **SHAPE)
+    engine = _engine(model, tmp_path, cpu_cache_bytes=64 << 20, disk_cache_enabled=True,
+                     disk_cache_bytes=256 << 20, cost_model=False, max_num_batched_tokens=128)  # fmt: skip
+    prompt = _prompts(4, [1000])[0]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def run(rid: str) -> tuple[list[int], dict[str, int]]:
+        engine.add_request(GenerationRequest(rid, prompt, params))
+        toks: list[int] = []
+        tiers: dict[str, int] | None = None
+        while engine.has_work():
+            for o in engine.step():
+                toks += o.token_ids
+                tiers = o.cached_tokens_by_tier if tiers is None else tiers
+        return toks, tiers or {}
+
+    run("cold")
+    gpu, _ = run("gpu")
+    engine.store.evict_gpu()
+    if tier == "disk":
+        engine.store.flush()
+        for h in engine.store.tiers[0].hashes():  # type: ignore[attr-defined]
+            engine.store.tiers[0].remove(h)
+    blocks = 999 // 16
+    # recompute and load at about the same speed: the plan splits the 62 blocks near the middle
+    per_block = 1e-3
+    engine.store.cost_model = CostModel(16, engine.pool.block_bytes, 16 / per_block, {tier: per_block})
+    plan = engine.store.cost_model.plan([tier] * blocks, 1000 - blocks * 16)
+    assert plan.recompute > 0 and plan.load > 0
+    split, tiers = run("split")
+    assert 0 < tiers.get(tier, 0) < blocks * 16 and set(tiers) == {tier}
+    assert split == gpu
+    again, tiers = run("again")  # every block back in the pool
+    assert tiers == {"gpu": blocks * 16} and again == gpu
+    engine.shutdown()
