@@ -377,6 +377,35 @@ def test_a_prefix_computed_on_replica_a_is_served_from_redis_on_replica_b(
         b.shutdown()
 
 
+def test_a_prefix_from_redis_is_met_in_the_middle_on_another_replica(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica B recomputes the head of a prefix replica A left in Redis while its tail loads from
+    Redis (as a slow shared tier would be planned): same tokens, the tail counted as a remote hit."""
+    from cacheproxy.cache import cost_model
+    from cacheproxy.cache.cost_model import CostModel
+
+    monkeypatch.setattr(cost_model, "SPLIT_MAX_REGRET", 1.0)  # a short prompt, split all the same
+    server = start_redis(tmp_path / "redis")
+    a = _replica(tiny_model_dir, tmp_path / "a", server.url)
+    b = _replica(tiny_model_dir, tmp_path / "b", server.url)
+    try:
+        p = torch.randint(5, a.config.vocab_size, (16 * 12 + 4,), generator=torch.Generator().manual_seed(5)).tolist()
+        on_a = _generate(a, {"p": p})
+        assert _remote(a).flush(timeout=10)
+        b.store.cost_model = CostModel(BLOCK, b.pool.block_bytes, BLOCK / 1e-3, {"remote": 1e-3})
+        assert b.store.cost_model.plan(["remote"] * 12, 4).recompute > 0
+        on_b = _generate(b, {"p": p})
+        assert on_b["p"][0] == on_a["p"][0]
+        remote = on_b["p"][1].get("remote", 0)
+        assert set(on_b["p"][1]) == {"remote"} and 0 < remote < 12 * BLOCK
+        assert not b.store.has_pending_loads
+    finally:
+        a.shutdown()
+        b.shutdown()
+        server.stop()
+
+
 def test_two_real_servers_share_prefixes_through_redis(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Over HTTP with the openai client: a conversation served by replica A is a cache hit on B."""
     import openai
