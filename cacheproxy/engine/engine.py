@@ -213,11 +213,10 @@ class LLMEngine:
 
     def _measure_costs(self) -> CostModel:
         """Prefill speed of this model on this device, and each tier's time to load one block."""
-        # A long prefill (the device busy, as when a long prefix is recomputed) and a short one (the
-        # fixed cost of a forward pass): recompute time is fitted as a line through the two.
+        # Recompute time: a line through a long prefill (the device busy, as when a long prefix is
+        # recomputed) and one of half its length, with a one-block pass as every pass's floor (each
+        # pass reads all the weights, however few its tokens).
         n = min(self.settings.max_num_batched_tokens, 2048, self.max_model_len, (self.pool.num_free - 1) * self.block_size)
-        # The short one is past the CUDA-graph sizes: a recompute step of a long prefix runs eagerly,
-        # and its Python launch cost (~20 ms for 32 layers) is part of the fixed cost.
         short = max(1, n // 2)
         ids = torch.randint(0, self.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
