@@ -88,6 +88,9 @@ def test_metrics_expose_every_family_and_ttft_is_split_by_cache_outcome(
     for tier in lower:  # per-tier event counters, e.g. corrupt entries dropped
         assert sample(after, "cacheproxy_kv_tier_events", "cacheproxy_kv_tier_events_total", tier=tier,
                       event="corrupt_dropped") == engine["tiers"][tier]["corrupt_dropped"]
+    for plan in ("load", "recompute", "split"):  # the cost model's choices for lower-tier prefixes
+        assert sample(after, "cacheproxy_prefix_plans", "cacheproxy_prefix_plans_total", plan=plan) == \
+            engine["prefix_cache"]["plans"][plan]
 
 
 def test_admin_stats_report_hit_rates_and_ttft_percentiles_by_cache_outcome(

@@ -294,6 +294,9 @@ def test_prefix_met_in_the_middle_gives_the_same_tokens(
     assert again[0].cached_tokens_by_tier == {"gpu": 20 * 16}
     assert _tokens(again) == _tokens(cold)
     assert not engine.store.has_pending_loads
+    counters = engine.stats()["prefix_cache"]
+    assert counters["plans"]["split"] == 1
+    assert counters["split_blocks"] == {"loaded": loaded // 16, "recomputed": 20 - loaded // 16}
     assert engine.pool.num_free == engine.pool.num_blocks
     engine.shutdown()
 

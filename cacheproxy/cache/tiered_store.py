@@ -65,6 +65,10 @@ class StoreCounters:
     queries_tokens: int = 0
     hits_tokens: Counter[str] = field(default_factory=Counter)
     transfers: Counter[tuple[str, str]] = field(default_factory=Counter)  # (src, dst) -> bytes
+    # Lookups whose chain reached below the GPU, by what the cost model chose: load / recompute / split
+    plans: Counter[str] = field(default_factory=Counter)
+    # Of split plans: lower-tier blocks recomputed and blocks loaded, once each load has landed
+    split_blocks: Counter[str] = field(default_factory=Counter)
 
 
 class TieredStore:
@@ -121,9 +125,15 @@ class TieredStore:
         if first_lower >= 0 and self.cost_model is not None and not resident_after_lower:
             plan = self.cost_model.plan(lower_tiers, len(token_ids) - reach * bs)
             if plan.load == 0:  # recomputing is faster: only the GPU part is used
+                self.counters.plans["recompute"] += 1
                 reach = first_lower
             elif plan.recompute > 0 and self.pool.num_free >= reach - first_lower:
+                self.counters.plans["split"] += 1
                 return self._match_split(root, hashes[:reach], token_ids, first_lower, lower_tiers, plan.recompute)
+            else:
+                self.counters.plans["load"] += 1
+        elif first_lower >= 0:
+            self.counters.plans["load"] += 1
         return self._match_now(root, hashes[:reach], token_ids)
 
     def _match_now(self, root: bytes, hashes: list[bytes], token_ids: list[int]) -> PrefixMatch:
@@ -272,6 +282,8 @@ class TieredStore:
         for block, ident, _ in p.items[p.low - p.start :]:
             self.pool.register(block, ident)  # False: an equal block was published meanwhile
         self.counters.hits_tokens.update(p.by_tier)
+        self.counters.split_blocks["loaded"] += p.end - p.low
+        self.counters.split_blocks["recomputed"] += p.low - p.start
 
     def cancel_load(self, p: PendingLoad) -> None:
         """The sequence is gone: stop loading; its blocks may be reused once the copies landed."""
@@ -528,6 +540,8 @@ class TieredStore:
             "prefix_cache": {
                 "queries_tokens": c.queries_tokens,
                 "hits_tokens": {name: c.hits_tokens.get(name, 0) for name in (GPU, "cpu", "disk", "remote")},
+                "plans": {name: c.plans.get(name, 0) for name in ("load", "recompute", "split")},
+                "split_blocks": {name: c.split_blocks.get(name, 0) for name in ("recomputed", "loaded")},
             },
             "tiers": tiers,
             "transfers": [{"src": s, "dst": d, "bytes": b} for (s, d), b in sorted(c.transfers.items())],

@@ -53,6 +53,18 @@ class EngineStatsCollector(Collector):
             hits.add_metric([tier], n)
         yield hits
 
+        plans = CounterMetricFamily("cacheproxy_prefix_plans",
+                                    "Lookups reaching below the GPU, by the cost model's choice (load, recompute, "
+                                    "split: recompute the head while the tail loads).", labels=["plan"])
+        for plan, n in sorted(prefix.get("plans", {}).items()):
+            plans.add_metric([plan], n)
+        yield plans
+        split_blocks = CounterMetricFamily("cacheproxy_prefix_split_blocks",
+                                           "Lower-tier blocks of split plans, recomputed or loaded.", labels=["kind"])
+        for kind, n in sorted(prefix.get("split_blocks", {}).items()):
+            split_blocks.add_metric([kind], n)
+        yield split_blocks
+
         tier_bytes = GaugeMetricFamily("cacheproxy_kv_tier_bytes", "KV bytes held and available per tier.",
                                        labels=["tier", "kind"])
         evictions = CounterMetricFamily("cacheproxy_evictions", "Blocks evicted from each tier.",
