@@ -253,6 +253,13 @@ def test_short_prefixes_are_not_split_where_slow_loads_would_cost_extra_passes()
     assert long.recompute > 0 and long.load > 0  # 32k tokens: worth splitting, the regret is under 5%
 
 
+def test_a_cpu_engine_never_splits(models: dict[str, Path], tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path)
+    assert engine.store.split_loads is False  # the forward pass holds the thread: loads cannot overlap it
+    assert _cost({"disk": 100.0}).plan(["disk"] * 100, 5, split=False) in (LoadPlan(0, 100), LoadPlan(100, 0))
+    engine.shutdown()
+
+
 def test_every_pass_costs_at_least_one_block_pass() -> None:
     cm = CostModel(16, 1, 1e5, {}, prefill_fixed_s=0.001, prefill_min_s=0.004)
     assert cm.prefill_s(0) == 0.0
@@ -283,6 +290,7 @@ def test_prefix_met_in_the_middle_gives_the_same_tokens(
         for h in engine.store.tiers[0].hashes():  # type: ignore[attr-defined]
             engine.store.tiers[0].remove(h)
     engine.store.cost_model = _cost({tier: load_us})
+    engine.store.split_loads = True  # a CPU engine would not split (nothing overlaps there): the mechanics
     plan = engine.store.cost_model.plan([tier] * 20, 5)
     assert plan.recompute > 0 and plan.load > 0
     split = _run(engine, "split", prompt)
@@ -311,6 +319,7 @@ def test_a_block_that_fails_its_check_while_loading_is_recomputed(
     engine.store.evict_gpu()
     cpu = engine.store.tiers[0]
     engine.store.cost_model = _cost({"cpu": 100.0})
+    engine.store.split_loads = True
     # the 9th block vanishes from every tier after the plan counted it: loads (from the back) stop there
     hashes = engine.hasher.hash_blocks(prompt, parent=engine.hasher.root(""))
     disk = engine.store.tiers[1]
@@ -334,6 +343,7 @@ def test_aborting_while_blocks_load_frees_everything(
     _run(engine, "cold", prompt)
     engine.store.evict_gpu()
     engine.store.cost_model = _cost({"cpu": 100.0})
+    engine.store.split_loads = True
     engine.add_request(
         GenerationRequest("x", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "")
     )

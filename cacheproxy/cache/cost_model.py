@@ -64,9 +64,10 @@ class CostModel:
         """Per tier, whether one block loads faster than it recomputes (reported; `plan` decides)."""
         return {name: t < self.recompute_s_per_block for name, t in self.load_s_per_block.items()}
 
-    def plan(self, tiers: Sequence[str], tail_tokens: int) -> LoadPlan:
+    def plan(self, tiers: Sequence[str], tail_tokens: int, split: bool = True) -> LoadPlan:
         """`tiers`: the tier each lower-tier block of the prefix would load from, in chain order.
-        `tail_tokens`: tokens after the prefix, computed in any case.
+        `tail_tokens`: tokens after the prefix, computed in any case. `split`: whether loads can run
+        while the device computes (not on a CPU, where a forward pass holds the engine thread).
 
         Candidates: load everything (then compute the tail), recompute everything (with the tail, in
         one pass), or recompute the first blocks while the rest load, then compute the tail.
@@ -85,19 +86,19 @@ class CostModel:
         recompute_all = self.prefill_s(n * bs + tail_tokens)
         if recompute_all < best[0]:
             best = (recompute_all, LoadPlan(n, 0))
-        split = (float("inf"), LoadPlan(0, n))
+        best_split = (float("inf"), LoadPlan(0, n))
         # If the loads turn out slower than measured, a split costs its extra passes (recompute, rest,
         # tail: two more than one) and one block read over recomputing everything; that regret must be
         # small next to the recompute, or the prefix is too short to split.
         regret = 2 * self.prefill_min_s + max(cost)
-        if regret > SPLIT_MAX_REGRET * recompute_all:
+        if not split or regret > SPLIT_MAX_REGRET * recompute_all:
             return best[1]
         for k in range(1, n):
             t = max(self.prefill_s(k * bs), suffix[k]) + tail
-            if t < split[0]:
-                split = (t, LoadPlan(k, n - k))
+            if t < best_split[0]:
+                best_split = (t, LoadPlan(k, n - k))
         # Splitting runs two passes and relies on both estimates; it has to win clearly.
-        return split[1] if split[0] < SPLIT_MARGIN * best[0] else best[1]
+        return best_split[1] if best_split[0] < SPLIT_MARGIN * best[0] else best[1]
 
     def as_dict(self) -> dict[str, object]:
         return {

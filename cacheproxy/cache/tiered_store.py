@@ -86,6 +86,9 @@ class TieredStore:
         # Plans what to load and what to recompute; None: load every block found.
         self.cost_model = cost_model
         self._pending_loads: list[PendingLoad] = []
+        # Splitting a prefix between recompute and loads pays only where the device computes while
+        # the host loads; on a CPU the forward pass holds the engine thread.
+        self.split_loads = pool.kv.is_cuda
         self.counters = StoreCounters()
         self.pins: dict[bytes, float] = {}  # leaf hash -> pinned until (unix time)
         self._pinned_blocks: dict[bytes, list[int]] = {}
@@ -123,7 +126,7 @@ class TieredStore:
             reach += 1
         self.counters.queries_tokens += len(token_ids)
         if first_lower >= 0 and self.cost_model is not None and not resident_after_lower:
-            plan = self.cost_model.plan(lower_tiers, len(token_ids) - reach * bs)
+            plan = self.cost_model.plan(lower_tiers, len(token_ids) - reach * bs, split=self.split_loads)
             if plan.load == 0:  # recomputing is faster: only the GPU part is used
                 self.counters.plans["recompute"] += 1
                 reach = first_lower
