@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,11 @@ from typing import Any
 
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 import kernels
 from kernels import reference
 
-REPO = Path(__file__).resolve().parents[1]
 # Worst error allowed, relative to the largest magnitude of the expected values: the reference's
 # own roundings in the model's dtype (two or three per element) sit well inside it.
 TOLERANCE = {torch.float16: 4e-3, torch.float32: 4e-6}
@@ -232,16 +231,7 @@ def cases(seed: int) -> dict[str, tuple[str, dict[str, Any]]]:
 @pytest.fixture(scope="module")
 def interpreted(cases: dict[str, tuple[str, dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory):
     """Outputs of the Triton kernels under TRITON_INTERPRET=1, one child process for all cases."""
-    folder = tmp_path_factory.mktemp("triton_fused_interpreter")
-    cases_path, results_path = folder / "cases.pt", folder / "results.pt"
-    torch.save(cases, cases_path)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    child = subprocess.run(
-        [sys.executable, __file__, str(cases_path), str(results_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert child.returncode == 0, f"interpreter run failed:\n{child.stderr[-4000:]}"
-    return torch.load(results_path)
+    return run_interpreted(__file__, cases, tmp_path_factory.mktemp("triton_fused_interpreter"))
 
 
 def _results(

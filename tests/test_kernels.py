@@ -11,19 +11,17 @@ fp16 and fp32 only: the interpreter computes bf16 `tl.dot` wrongly; bf16 is chec
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import triton
+from triton_interpreter import run_interpreted
 
 from kernels import reference
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_LAYERS, LAYER = 2, 1  # the ops read layer 1 of a 2-layer page-first pool: strided views
 TOLERANCE = {torch.float16: 1e-3, torch.float32: 2e-6}
 
@@ -331,16 +329,7 @@ def cases(seed: int) -> dict[str, tuple[str, dict[str, Any]]]:
 @pytest.fixture(scope="module")
 def interpreted(cases: dict[str, tuple[str, dict[str, Any]]], tmp_path_factory: pytest.TempPathFactory):
     """Outputs of the Triton kernels under TRITON_INTERPRET=1, one child process for all cases."""
-    folder = tmp_path_factory.mktemp("triton_interpreter")
-    cases_path, results_path = folder / "cases.pt", folder / "results.pt"
-    torch.save(cases, cases_path)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    child = subprocess.run(
-        [sys.executable, __file__, str(cases_path), str(results_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert child.returncode == 0, f"interpreter run failed:\n{child.stderr[-4000:]}"
-    return torch.load(results_path)
+    return run_interpreted(__file__, cases, tmp_path_factory.mktemp("triton_interpreter"))
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.name)
