@@ -200,6 +200,33 @@ def bench_tiers(engine: LLMEngine, lengths: list[int]) -> list[dict[str, object]
     return rows
 
 
+def profile_gpu_hit(engine: LLMEngine, n: int, repeats: int = 7) -> None:
+    """GPU-tier hits of one prefix, phases of each, then one under cProfile (host time by function)."""
+    import cProfile
+    import io
+    import pstats
+
+    g = torch.Generator().manual_seed(3)
+    prefix = rand_ids(g, n)
+    ttft(engine, "profile-prime", prefix + rand_ids(g, NEW_TOKENS))
+    for i in range(repeats):
+        total, _, phases = ttft_phases(engine, f"profile-{i}", prefix + rand_ids(g, NEW_TOKENS))
+        print(json.dumps({"gpu_hit_repeat": i, "ms": round(1e3 * total, 2),
+                          **{k: round(v, 2) for k, v in phases.items()}}), flush=True)  # fmt: skip
+    prof = cProfile.Profile()
+    prof.enable()
+    ttft_phases(engine, "profile-cprofile", prefix + rand_ids(g, NEW_TOKENS))
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    print(text.getvalue(), flush=True)
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "host_profile.txt").write_text(text.getvalue())
+
+
 def bench_decode(engine: LLMEngine, batch: int, context: int, steps: int = 48) -> dict[str, float]:
     g = torch.Generator().manual_seed(2)
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
@@ -271,6 +298,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--profile-host", action="store_true",
+                    help="after the tiers: repeat the GPU hit at the longest prefix and profile its host phases")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ttft-"))
     cfg_dir = work / "llama3-8b-shape"
@@ -287,6 +316,8 @@ def main() -> None:
     engine = make_engine(work / "data", cfg_dir, tok_dir)
     print("cost model:", json.dumps(engine.cost_model.as_dict()), flush=True)
     rows = bench_tiers(engine, args.lengths)
+    if args.profile_host:
+        profile_gpu_hit(engine, max(args.lengths))
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     decode = []
     if not args.skip_decode:
