@@ -221,6 +221,17 @@ def profile_gpu_hit(engine: LLMEngine, n: int, repeats: int = 7) -> None:
     stats = pstats.Stats(prof, stream=text)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(40)
+    stats.print_callees("_forward|run_prefill|_prepare|launch")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as kineto:
+        ttft_phases(engine, "profile-kineto", prefix + rand_ids(g, NEW_TOKENS))
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            text.write(kineto.key_averages().table(sort_by=key, row_limit=30))
+            break
+        except Exception:  # the sort key's name depends on the torch version
+            continue
     print(text.getvalue(), flush=True)
     out = os.environ.get("OUT")
     if out:
