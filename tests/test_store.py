@@ -355,3 +355,33 @@ def test_aborting_while_blocks_load_frees_everything(
     assert engine.pool.num_free == engine.pool.num_blocks
     assert _tokens(_run(engine, "after", prompt, n=4))  # the engine goes on
     engine.shutdown()
+
+
+def test_copy_runs_join_only_blocks_that_follow_on_in_pool_and_source() -> None:
+    import torch
+
+    from cacheproxy.cache.tiered_store import copy_runs
+
+    g = torch.Generator().manual_seed(7)
+    slab = torch.randn(10, 2, 3, 4, generator=g)
+    other = torch.randn(10, 2, 3, 4, generator=g)  # same offsets, another storage: never joined
+    loose = torch.randn(2, 3, 4, generator=g)
+    strided = torch.randn(2, 4, 3, generator=g).transpose(1, 2)  # not contiguous: copied alone
+    copies = [
+        (5, slab[2]), (6, slab[3]), (7, slab[4]),  # one run of three
+        (8, other[5]),  # pool block follows on, source in another storage
+        (9, slab[6]), (11, slab[7]),  # source follows on, pool block does not
+        (12, loose), (13, strided), (14, slab[0]), (15, slab[1]), (16, slab[1]),  # a repeat ends a run
+    ]  # fmt: skip
+    runs = copy_runs(copies)
+    assert [(first, count) for first, count, _ in runs] == [
+        (5, 3), (8, 1), (9, 1), (11, 1), (12, 1), (13, 1), (14, 2), (16, 1)
+    ]  # fmt: skip
+    pool_runs = torch.full((20, 2, 3, 4), float("nan"))
+    pool_blocks = torch.full((20, 2, 3, 4), float("nan"))
+    for first, count, source in runs:
+        pool_runs[first : first + count].copy_(source)
+    for block, source in copies:
+        pool_blocks[block].copy_(source)
+    assert torch.equal(pool_runs.nan_to_num(-1.0), pool_blocks.nan_to_num(-1.0))
+    assert runs[0][2].data_ptr() == slab[2].data_ptr()  # a view of the slab: no staging copy
