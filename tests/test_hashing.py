@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import operator
 import os
 import random
 import shutil
@@ -314,10 +315,11 @@ def _pool_state(
     list[int],
     OrderedDict[int, None],
 ]:
-    """A chain and a pool holding some of it, with every way a block can fail its check."""
-    big = [0, 1, -1, 2**31, -(2**31) - 1, 2**63, -(2**64), 2**100]
+    """A chain and a pool holding some of it, with every way a block can fail its check, and blocks
+    that pass the field check but whose types the byte walk does not vouch for."""
+    edge = [0, 1, -1, 2**31 - 1, -(2**31)]
     token_ids = [
-        int(str(rng.choice(big) if rng.random() < 0.1 else rng.randrange(128_000)))
+        int(str(rng.choice(edge) if rng.random() < 0.1 else rng.randrange(128_000)))
         for _ in range(n_blocks * block_size)
     ]
     token_ids = token_ids[: len(token_ids) - rng.choice([0, 0, 0, 1, block_size])]  # a partial last block
@@ -330,29 +332,33 @@ def _pool_state(
     slots = rng.sample(range(num_pool_blocks), n_blocks)
     parent = root
     for i, h in enumerate(hashes):
-        toks: tuple[int, ...] | list[int] = tuple(token_ids[i * block_size : (i + 1) * block_size])
-        ident_parent = parent
-        fault = rng.random() if rng.random() < 0.15 else 1.0
-        if fault < 0.1:
+        toks: tuple[object, ...] | list[int] = tuple(token_ids[i * block_size : (i + 1) * block_size])
+        ident_parent: object = parent
+        fault = rng.random() if rng.random() < 0.2 else 1.0
+        if fault < 0.07:
             continue  # not in the pool
-        if fault < 0.2:
+        if fault < 0.14:
             ident_parent = rng.randbytes(16)  # a forged block: the hash, another parent
-        elif fault < 0.3:
+        elif fault < 0.21:
             toks = (*toks[:-1], toks[-1] + 1) if toks else (1,)  # the hash, other tokens
-        elif fault < 0.4:
+        elif fault < 0.28:
             toks = toks[:-1]  # one token short
-        elif fault < 0.5:
+        elif fault < 0.35:
             toks = (*toks, 0)  # one token too many
-        elif fault < 0.6:
+        elif fault < 0.42:
             toks = list(toks)  # a list never equals a tuple
+        elif fault < 0.49:
+            toks = tuple(float(t) for t in toks)  # equal floats: the field check passes, no key
+        elif fault < 0.56:
+            toks = tuple(np.int64(t) for t in toks)  # equal numpy ints: likewise
+        elif fault < 0.63:
+            toks = (*toks[:-1], toks[-1] + 2**32) if toks else (2**32,)  # equal as int32, not as ints
         elif fault < 0.7:
-            toks = tuple(int(str(t)) + 0.0 if abs(t) < 2**52 else t for t in toks)  # equal floats
-        elif fault < 0.8:
             # not bytes: equal, or not
-            ident_parent = bytearray(ident_parent if rng.random() < 0.5 else rng.randbytes(16))  # type: ignore[assignment]
+            ident_parent = bytearray(ident_parent if rng.random() < 0.5 else rng.randbytes(16))  # type: ignore[arg-type]
         if h not in by_hash:
             by_hash[h] = slots[i]
-            gone = 0.8 <= fault < 0.9  # the dict names a block whose identity is gone
+            gone = 0.7 <= fault < 0.8  # the dict names a block whose identity is gone
             identity[slots[i]] = None if gone else BlockIdentity(h, ident_parent, toks, i)  # type: ignore[arg-type]
         parent = h
     ref_counts = [rng.choice([0, 0, 1, 2]) for _ in range(num_pool_blocks)]
@@ -362,57 +368,332 @@ def _pool_state(
     return hashes, token_ids, root, by_hash, identity, ref_counts, free
 
 
+def _fields_walk(
+    hashes: list[bytes],
+    token_ids: list[int],
+    root: bytes,
+    block_size: int,
+    by_hash: dict[bytes, int],
+    identity: list[BlockIdentity | None],
+    trusted_types_only: bool,
+) -> list[int]:
+    """BlockPool.lookup's check of each block in turn, on the fields themselves; with
+    `trusted_types_only`, also stopping at a block whose fields are not bytes and a tuple of ints."""
+    blocks, parent = [], root
+    for i, h in enumerate(hashes):
+        block = by_hash.get(h)
+        ident = identity[block] if block is not None else None
+        toks = tuple(token_ids[i * block_size : (i + 1) * block_size])
+        if ident is None or ident.parent != parent or ident.token_ids != toks:
+            break
+        exact = type(ident.parent) is bytes and type(ident.token_ids) is tuple
+        if trusted_types_only and not (exact and all(type(t) is int for t in ident.token_ids)):
+            break
+        blocks.append(block)
+        parent = h
+    return blocks
+
+
+def _packed(token_ids: list[int]) -> bytes:
+    return struct.pack(f"<{len(token_ids)}i", *token_ids)
+
+
 @needs_c_fastpath
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_resident_prefix_in_c_and_in_python_agree(block_size: int) -> None:
     rng = random.Random(block_size)
-    for _ in range(300):
+    for _ in range(400):
         n_blocks = rng.randrange(0, 40)
         args = _pool_state(rng, n_blocks, block_size, 64)
         hashes, token_ids, root, by_hash, identity, ref_counts, free = args
-        for tokens in (token_ids, tuple(token_ids)):
+        packed = _packed(token_ids)
+        for form in (packed, bytearray(packed), memoryview(packed)):
             assert fastpath._resident_prefix_in_c(
-                hashes, tokens, root, block_size, by_hash, identity
-            ) == fastpath._resident_prefix_in_python(hashes, tokens, root, block_size, by_hash, identity)
+                hashes, form, root, block_size, by_hash, identity
+            ) == fastpath._resident_prefix_in_python(hashes, form, root, block_size, by_hash, identity)
         states = []
         for walk in (fastpath._resident_prefix_in_c, fastpath._resident_prefix_in_python):
             counts, free_copy = list(ref_counts), OrderedDict(free)
-            result = _outcome(walk, hashes, token_ids, root, block_size, by_hash, identity, counts, free_copy)
+            result = _outcome(walk, hashes, packed, root, block_size, by_hash, identity, counts, free_copy)
             states.append((result, counts, list(free_copy)))
         assert states[0] == states[1]
         blocks = states[0][0][1]
         assert isinstance(blocks, list) and len(blocks) <= n_blocks
-        # what the walk accepted is what BlockPool.lookup accepts, block by block
-        parent = root
-        for i, block in enumerate(blocks):
-            ident = identity[block]
-            assert ident is not None and ident.parent == parent
-            assert ident.token_ids == tuple(token_ids[i * block_size : (i + 1) * block_size])
-            parent = hashes[i]
+        # Never more than BlockPool.lookup accepts; and all of it where the identities' fields are
+        # of the types the engine makes (exact bytes, a tuple of ints).
+        walk = (hashes, token_ids, root, block_size, by_hash, identity)
+        assert blocks == _fields_walk(*walk, trusted_types_only=True)
+        assert blocks == _fields_walk(*walk, trusted_types_only=False)[: len(blocks)]
+
+
+@needs_c_fastpath
+def test_resident_prefix_accepts_a_whole_chain_of_real_identities() -> None:
+    rng = random.Random(3)
+    hasher = BlockHasher(NAMESPACE, seed=5)
+    token_ids = [rng.randrange(128_000) for _ in range(50 * BLOCK + 3)]
+    root = hasher.root()
+    hashes = hasher.hash_blocks(token_ids)
+    pool = BlockPool(torch.zeros(64, 1, 2, BLOCK, 1, 1))
+    parent = root
+    for i, h in enumerate(hashes):
+        pool.register(
+            pool.allocate(), BlockIdentity(h, parent, tuple(token_ids[i * BLOCK : (i + 1) * BLOCK]), i)
+        )
+        parent = h
+    packed = _packed(token_ids)
+    for walk in (fastpath._resident_prefix_in_c, fastpath._resident_prefix_in_python):
+        assert walk(hashes, packed, root, BLOCK, pool.by_hash, pool.identity) == [
+            pool.by_hash[h] for h in hashes
+        ]
+        # one id changed: the chain stops at its block, whatever the hashes say
+        changed = bytearray(packed)
+        changed[4 * (17 * BLOCK + 5)] ^= 1
+        assert walk(hashes, bytes(changed), root, BLOCK, pool.by_hash, pool.identity) == [
+            pool.by_hash[h] for h in hashes[:17]
+        ]
+        assert walk(hashes, packed, bytes(16), BLOCK, pool.by_hash, pool.identity) == []  # another root
+        assert walk(hashes, packed[: 4 * 20 * BLOCK], root, BLOCK, pool.by_hash, pool.identity) == [
+            pool.by_hash[h] for h in hashes[:20]
+        ]
+
+
+def test_an_identity_key_is_made_from_its_own_fields_only() -> None:
+    root, h = bytes(16), bytes(range(16))
+    ident = BlockIdentity(h, root, (1, 2**31 - 1, -(2**31)), 0)
+    assert ident.key == root + struct.pack("<3i", 1, 2**31 - 1, -(2**31))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ident.token_ids = (1, 2, 4)  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ident.key = b"forged"  # type: ignore[misc]
+    assert dataclasses.replace(ident, token_ids=(7,)).key == root + struct.pack("<i", 7)
+    assert BlockIdentity(h, root, (), 0).key == root
+    # Types the byte walk does not vouch for: no key, so only the field comparison can accept them.
+    for parent, toks in [
+        (bytearray(root), (1, 2)),
+        (root, [1, 2]),
+        (root, (1.0, 2)),
+        (root, (np.int64(1), 2)),
+        (root, (True, 2)),
+        (root, (2**31, 2)),
+        (root, (-(2**31) - 1,)),
+        (root, (2**70,)),
+        (root, ("1",)),
+    ]:
+        assert BlockIdentity(h, parent, toks, 0).key is None  # type: ignore[arg-type]
+        assert fastpath.identity_key(parent, toks) is None
 
 
 @needs_c_fastpath
 def test_resident_prefix_in_c_refuses_what_python_refuses() -> None:
     root, h = bytes(16), bytes(range(16))
     ident = BlockIdentity(h, root, (1, 2), 0)
+    ids = struct.pack("<2i", 1, 2)
+
+    class _Keyed:
+        def __init__(self, key: object) -> None:
+            self.key = key
+
     cases: list[tuple[object, ...]] = [
-        ([h], [1, 2], root, 0, {h: 0}, [ident]),  # block size
-        ([h], [1, 2], root, 2, {h: 0}, [ident], [0], None),  # counts without the free list
-        ([h], [1, 2], root, 2, {h: 5}, [ident]),  # a block outside the pool
-        ([h], [1, 2], root, 2, {h: -1}, [ident]),  # negative: from the end, as a list reads it
-        ([h], [1, 2], root, 2, {h: "0"}, [ident]),
-        ([h], [1, 2], root, 2, {h: 2**70}, [ident]),
-        ([h], [1, 2], root, 2, {h: 0}, [object()]),  # no .parent
-        ([h], [1, 2], root, 2, {h: 0}, [ident], [0], OrderedDict()),  # count 0 but not in the free list
-        ([h], [1, 2], root, 2, {h: 0}, [ident], [0], OrderedDict({0: None})),
-        ([[1]], [1, 2], root, 2, {h: 0}, [ident]),  # an unhashable hash
-        ([h], [1, 2.5], root, 2, {h: 0}, [ident]),
-        ([h], [1, 2], root, 2**62, {h: 0}, [ident]),
-        ([h, h], [1, 2], bytes(16), 2, {h: 0}, [ident]),
+        ([h], ids, root, 0, {h: 0}, [ident]),  # block size
+        ([h], ids, root, 2, {h: 0}, [ident], [0], None),  # counts without the free list
+        ([h], ids, root, 2, {h: 0}, [ident], (0,), OrderedDict()),  # counts not a list
+        ([h], ids, root, 2, {h: 5}, [ident]),  # a block outside the pool
+        ([h], ids, root, 2, {h: -1}, [ident]),  # negative: from the end, as a list reads it
+        ([h], ids, root, 2, {h: "0"}, [ident]),
+        ([h], ids, root, 2, {h: 2**70}, [ident]),
+        ([h], ids, root, 2, {h: 0}, [object()]),  # no .key
+        ([h], ids, root, 2, {h: 0}, [_Keyed(None)]),
+        ([h], ids, root, 2, {h: 0}, [_Keyed(bytearray(ident.key or b""))]),  # not bytes: never equal
+        ([h], ids, root, 2, {h: 0}, [_Keyed(ident.key)]),
+        ([h], ids, root, 2, {h: 0}, [ident], [0], OrderedDict()),  # count 0 but not in the free list
+        ([h], ids, root, 2, {h: 0}, [ident], [0], OrderedDict({0: None})),
+        ([[1]], ids, root, 2, {h: 0}, [ident]),  # an unhashable hash
+        ([h], ids[:6], root, 2, {h: 0}, [ident]),  # not whole int32 ids
+        ([h], [1, 2], root, 2, {h: 0}, [ident]),  # ids not packed
+        ([h], "ab", root, 2, {h: 0}, [ident]),
+        ([h], ids, bytearray(root), 2, {h: 0}, [ident]),  # a root that is not bytes
+        ([h], ids, None, 2, {h: 0}, [ident]),
+        ([h], ids, root, 2, [(h, 0)], [ident]),  # by_hash not a dict
+        ([h], ids, root, 2, {h: 0}, (ident,)),  # identity not a list
+        ([h], ids, root, 2**62, {h: 0}, [ident]),
+        ([h, h], ids, bytes(16), 2, {h: 0}, [ident]),
+        ([h, h], ids * 2, root, 2, {h: 0}, [ident]),  # block 1's parent is h, not root
     ]
     for args in cases:
         expected = _outcome(fastpath._resident_prefix_in_python, *args)
         assert _outcome(fastpath._resident_prefix_in_c, *args) == expected, args
+
+
+@needs_c_fastpath
+def test_pack_token_ids_in_c_and_in_python_agree_on_random_and_bad_input() -> None:
+    rng = random.Random(6)
+    cases: list[object] = [
+        [],
+        [0],
+        [-1],
+        [True, 2],
+        (3, 1, 2),
+        [2**31 - 1, -(2**31)],
+        [2**31],
+        [-(2**31) - 1],
+    ]
+    cases += [[2**63], [2**70, 1.5], [1.5, 2**70], [1, "2"], [None], 5, "abc", b"ab", iter([4, 2, 8])]
+    cases += [[_Index(7), 3, _Index(-9)], [np.int64(4), np.int32(-2)], np.arange(5), range(3, 9)]
+    cases += [[_Index(2**40), 1], [1, _Index(1.5)], [2**30, -(2**30), 2**30 - 1, -(2**30) + 1]]  # type: ignore[arg-type]
+    for _ in range(200):
+        n = rng.randrange(1, 300)
+        bound = rng.choice([10, 2**30, 2**31, 2**32, 2**62, 2**64, 2**100])
+        # int(str(x)) gives every value an object of its own, as a tokenizer's output has
+        ids = [int(str(rng.randrange(-bound, bound))) for _ in range(n)]
+        cases.append(ids)
+        cases.append(tuple(ids))
+    for ids in cases:
+        fresh = [list(ids) if isinstance(ids, list) else ids for _ in range(2)]
+        if isinstance(ids, type(iter([]))):
+            fresh = [iter([4, 2, 8]), iter([4, 2, 8])]
+        expected = _outcome(fastpath._pack_token_ids_in_python, fresh[1])
+        assert _outcome(fastpath._pack_token_ids_in_c, fresh[0]) == expected, ids
+        if expected[0] == "ok":
+            copy, packed, lo, hi = expected[1]  # type: ignore[misc]
+            values = [operator.index(v) for v in copy]
+            assert type(copy) is list and copy == list(
+                ids if not isinstance(ids, type(iter([]))) else [4, 2, 8]
+            )
+            assert packed == np.asarray(values, dtype="<i4").tobytes()
+            assert (lo, hi) == (min(values), max(values)) and type(lo) is int and type(hi) is int
+
+
+class _Mutating:
+    """An integer whose __index__ changes the list it sits in (as a hostile caller could)."""
+
+    def __init__(self, value: int, target: list[object], action: str) -> None:
+        self.value, self.target, self.action = value, target, action
+
+    def __index__(self) -> int:
+        if self.action == "clear":
+            self.target.clear()
+        elif self.action == "append":
+            self.target.append(2**40)
+        else:
+            self.target[-1] = "not an int"
+        return self.value
+
+
+@needs_c_fastpath
+@pytest.mark.parametrize("action", ["clear", "append", "replace"])
+def test_pack_token_ids_packs_a_snapshot_of_a_list_that_changes_under_it(action: str) -> None:
+    results = []
+    for pack in (fastpath._pack_token_ids_in_c, fastpath._pack_token_ids_in_python):
+        ids: list[object] = [5, 6]
+        ids += [_Mutating(7, ids, action), 8, 9]
+        copy, packed, lo, hi = pack(ids)
+        assert copy[:2] == [5, 6] and copy[3:] == [8, 9] and len(copy) == 5
+        results.append((packed, lo, hi))
+    assert results[0] == results[1] == (struct.pack("<5i", 5, 6, 7, 8, 9), 5, 9)
+
+
+def test_int32_bytes_is_none_for_ids_that_do_not_pack() -> None:
+    assert fastpath.int32_bytes([]) == b""
+    assert fastpath.int32_bytes([1, -2]) == struct.pack("<2i", 1, -2)
+    assert fastpath.int32_bytes([2**31]) is None
+    assert fastpath.int32_bytes([1.0]) is None
+
+
+def test_packed_ids_hash_in_place_as_the_ids_do(hasher: BlockHasher, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine packs a prompt once (pack_token_ids) and hashes a view of those bytes.
+    rng = random.Random(8)
+    for in_c in (True, False):
+        if not in_c:
+            monkeypatch.setattr(hashing, "_chain_in_c", None)
+        for n in (1, BLOCK - 1, BLOCK, 5 * BLOCK + 3, 300):
+            ids = [rng.randrange(-(2**31), 2**31) for _ in range(n)]
+            view = np.frombuffer(fastpath.pack_token_ids(ids)[1], dtype="<i4")
+            for salt, parent in (("", None), ("t", None), ("", rng.randbytes(16))):
+                assert hasher.hash_blocks(view, salt=salt, parent=parent) == hasher.hash_blocks(
+                    ids, salt=salt, parent=parent
+                )
+
+
+@needs_c_fastpath
+def test_count_leading_in_in_c_and_in_python_agree() -> None:
+    rng = random.Random(9)
+    for _ in range(300):
+        universe = [rng.randbytes(2) for _ in range(12)]
+        mapping = {k: 0 for k in rng.sample(universe, rng.randrange(0, 12))}
+        keys = [rng.choice(universe) for _ in range(rng.randrange(0, 20))]
+        for form in (keys, tuple(keys)):
+            assert fastpath._count_leading_in_in_c(form, mapping) == fastpath._count_leading_in_python(
+                form, mapping
+            )
+    for args in [([[1]], {}), ([b"a", [1]], {b"a": 1}), ([[1]], {b"a": 1}), (5, {}), ([b"a"], [b"a"])]:
+        assert _outcome(fastpath._count_leading_in_in_c, *args) == _outcome(
+            fastpath._count_leading_in_python, *args
+        )
+
+
+@needs_c_fastpath
+def test_release_all_in_c_and_in_python_agree() -> None:
+    rng = random.Random(10)
+    n = 32
+    for _ in range(400):
+        ref_counts = [rng.choice([0, 1, 1, 2, 3]) for _ in range(n)]
+        identity: list[object] = [
+            None if rng.random() < 0.3 else BlockIdentity(bytes(16), bytes(16), (), b) for b in range(n)
+        ]
+        free = OrderedDict((b, None) for b in rng.sample(range(n), n) if ref_counts[b] == 0)
+        held = [b for b in range(n) for _ in range(ref_counts[b])]
+        blocks = rng.sample(held, rng.randrange(0, len(held) + 1))
+        if rng.random() < 0.1:
+            blocks.append(rng.randrange(n))  # perhaps released once too often: counts go below zero
+        states = []
+        for release in (fastpath._release_all_in_c, fastpath._release_all_in_python):
+            counts, free_copy = list(ref_counts), OrderedDict(free)
+            result = _outcome(release, blocks, counts, free_copy, identity)
+            states.append((result, counts, list(free_copy)))
+        assert states[0] == states[1]
+    ident = BlockIdentity(bytes(16), bytes(16), (), 0)
+    bad: list[tuple[object, ...]] = [
+        ([5], [1], OrderedDict(), [ident]),  # outside the pool
+        ([-1], [1], OrderedDict(), [None]),  # from the end, as a list reads it
+        (["0"], [1], OrderedDict(), [ident]),
+        ([0], (1,), OrderedDict(), [ident]),  # counts not a list
+        ([0], [1], OrderedDict(), (ident,)),  # identity not a list
+        ([0], [1], {}, [None]),  # a free "list" without move_to_end
+        ([0], [1.0], OrderedDict(), [None]),  # a count that is not an int
+        ([0], [2**70], OrderedDict(), [ident]),
+        ([0, 0], [2], OrderedDict(), [None]),
+        (5, [1], OrderedDict(), [ident]),
+    ]
+    for args in bad:
+        states = []
+        for release in (fastpath._release_all_in_c, fastpath._release_all_in_python):
+            copied = [
+                list(a) if isinstance(a, list) else OrderedDict(a) if isinstance(a, OrderedDict) else a
+                for a in args
+            ]
+            states.append((_outcome(release, *copied), copied))
+        assert states[0] == states[1], args
+
+
+def test_release_many_is_release_of_each_block_in_order() -> None:
+    rng = random.Random(11)
+    for _ in range(50):
+        pools = [BlockPool(torch.zeros(16, 1, 2, 2, 1, 1)) for _ in range(2)]
+        taken: list[int] = []
+        seed = rng.random()
+        for pool in pools:  # the same state in both
+            state = random.Random(seed)
+            taken = [pool.allocate() for _ in range(10)]
+            for b in taken[:6]:
+                pool.register(b, BlockIdentity(bytes([b]) * 16, bytes(16), (b,), 0))
+            for b in state.sample(taken, 4):
+                pool.acquire(b)
+        order = rng.sample(taken, len(taken))
+        pools[0].release_many(order)
+        for b in order:
+            pools[1].release(b)
+        assert pools[0].ref_counts == pools[1].ref_counts
+        assert list(pools[0].free) == list(pools[1].free)
 
 
 def _store_with_a_chain(seed: int, block_size: int = 4) -> tuple[TieredStore, bytes, list[bytes], list[int]]:

@@ -1,13 +1,14 @@
-/* The prefix hash chain of cacheproxy.cache.hashing in C, and two loops of a request's admission
- * that run over every token or every block of a long prompt (cacheproxy.cache.fastpath).
+/* The prefix hash chain of cacheproxy.cache.hashing in C, and the loops of a request's admission and
+ * release that run over every token or every block of a long prompt (cacheproxy.cache.fastpath).
  *
  * h_i = XXH3_128(h_{i-1} || int32-LE ids of block i, seed), digests in xxHash's canonical
  * (big-endian) form, so every byte equals python-xxhash's xxh3_128_digest(data, seed). The chain is
  * sequential, so the only way to make it fast is to take the per-block interpreter overhead away:
  * one call runs the whole loop, with the GIL released while it hashes.
  *
- * token_bounds and resident_prefix touch Python objects throughout, so they hold the GIL; each has a
- * Python twin in fastpath.py that gives the same results and raises the same exception types.
+ * The admission loops (pack_token_ids, count_leading_in, resident_prefix, release_all, and the older
+ * token_bounds) touch Python objects throughout, so they hold the GIL; each has a Python twin in
+ * fastpath.py that gives the same results and raises the same exception types.
  *
  * xxhash.h is compiled in (XXH_INLINE_ALL), so nothing needs linking at build or run time.
  */
@@ -236,7 +237,7 @@ token_bounds(PyObject *Py_UNUSED(module), PyObject *ids)
     return Py_BuildValue("(LL)", lo, hi);
 }
 
-static PyObject *str_parent, *str_token_ids;
+static PyObject *str_key, *str_move_to_end, *kwnames_last;
 
 /* `a == b` as a condition evaluates it: 1, 0, or -1 with an exception. */
 static int
@@ -251,116 +252,164 @@ objects_equal(PyObject *a, PyObject *b)
     return eq;
 }
 
-/* a == b for two exact ints without a call per operand: 1 or 0, or -1 when they are too large to
- * compare here (the caller then compares them as objects). */
+/* The value of an exact int of one digit or none, read without a call: 1, or 0 when the caller must
+ * ask Python. Such a value is below 2**30 in magnitude, so it fits int32. */
 static inline int
-exact_ints_equal(PyObject *a, PyObject *b)
+small_int_value(PyObject *v, long long *out)
 {
-#if PY_VERSION_HEX >= 0x030C0000
-    if (PyUnstable_Long_IsCompact((PyLongObject *)a) && PyUnstable_Long_IsCompact((PyLongObject *)b)) {
-        return PyUnstable_Long_CompactValue((PyLongObject *)a) == PyUnstable_Long_CompactValue((PyLongObject *)b);
-    }
-    return -1;
-#else
-    /* 3.11: ob_size is the signed digit count of a normalized int, so one digit decides. */
-    Py_ssize_t size = Py_SIZE(a);
-    if (size != Py_SIZE(b)) {
+    if (!PyLong_CheckExact(v)) {
         return 0;
     }
-    if (size == 0) {
-        return 1;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)v)) {
+        return 0;
     }
-    if (size == 1 || size == -1) {
-        return ((PyLongObject *)a)->ob_digit[0] == ((PyLongObject *)b)->ob_digit[0];
+    *out = (long long)PyUnstable_Long_CompactValue((PyLongObject *)v);
+    return 1;
+#else
+    /* 3.11: ob_size is the signed digit count of a normalized int. */
+    Py_ssize_t size = Py_SIZE(v);
+    if (size < -1 || size > 1) {
+        return 0;
     }
-    return -1;
+    *out = size == 0 ? 0 : (long long)size * (long long)((PyLongObject *)v)->ob_digit[0];
+    return 1;
 #endif
 }
 
-/* `ident_tokens == tuple(tokens[lo:hi])`, without building the tuple when ident_tokens is a tuple
- * (the same element-wise comparison tuple equality makes). */
-static int
-tokens_equal(PyObject *ident_tokens, PyObject *tokens, Py_ssize_t lo, Py_ssize_t hi)
+static inline void
+store_int32_le(unsigned char *p, long long v)
 {
-    if (!PyTuple_CheckExact(ident_tokens)) {
-        PyObject *block = PyTuple_New(hi - lo);
-        if (block == NULL) {
-            return -1;
-        }
-        for (Py_ssize_t k = lo; k < hi; k++) {
-            PyObject *item = PySequence_Fast_GET_ITEM(tokens, k);
-            Py_INCREF(item);
-            PyTuple_SET_ITEM(block, k - lo, item);
-        }
-        int eq = objects_equal(ident_tokens, block);
-        Py_DECREF(block);
-        return eq;
+    uint32_t u = (uint32_t)(int32_t)v;
+    p[0] = (unsigned char)u;
+    p[1] = (unsigned char)(u >> 8);
+    p[2] = (unsigned char)(u >> 16);
+    p[3] = (unsigned char)(u >> 24);
+}
+
+PyDoc_STRVAR(pack_token_ids_doc,
+"pack_token_ids(ids) -> (list[int], bytes, min, max)\n"
+"\n"
+"A list copy of a non-empty sequence of integers (ints or anything with __index__), its ids as\n"
+"int32-LE bytes, and their smallest and largest value, in one pass. The copy is taken before any\n"
+"__index__ runs, and the bytes are made from it. TypeError at the first item that is not an integer;\n"
+"failing that, OverflowError when an item is outside int32; ValueError when `ids` is empty.");
+
+static PyObject *
+pack_token_ids(PyObject *Py_UNUSED(module), PyObject *ids)
+{
+    /* A list or tuple is copied in the same pass that packs it (each int is read once). Only an item
+     * that is not a small exact int can run Python code (its __index__), so the rest of the copy is
+     * taken before the first such item is converted: the copy is then a snapshot, as list(ids) is. */
+    int live = PyList_CheckExact(ids) || PyTuple_CheckExact(ids);
+    Py_ssize_t n;
+    PyObject *copy;
+    if (live) {
+        n = PySequence_Fast_GET_SIZE(ids);
+        copy = PyList_New(n);
     }
-    if (PyTuple_GET_SIZE(ident_tokens) != hi - lo) {
-        return 0;
+    else {
+        copy = PySequence_List(ids);
+        n = copy == NULL ? 0 : PyList_GET_SIZE(copy);
     }
-    for (Py_ssize_t k = lo; k < hi; k++) {
-        if (k >= PySequence_Fast_GET_SIZE(tokens)) {
-            return 0; /* an element's __eq__ shrank the list: nothing verified past its end */
+    if (copy == NULL) {
+        return NULL;
+    }
+    if (n == 0) {
+        Py_DECREF(copy);
+        PyErr_SetString(PyExc_ValueError, "pack_token_ids() of an empty sequence");
+        return NULL;
+    }
+    /* n pointers exist, so 4 * n bytes cannot overflow. */
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, 4 * n);
+    if (packed == NULL) {
+        Py_DECREF(copy);
+        return NULL;
+    }
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(packed);
+    long long lo = LLONG_MAX, hi = LLONG_MIN;
+    int overflowed = 0; /* reported after the scan, so that a later non-integer wins */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long v;
+        if (live) {
+            PyObject *item = PySequence_Fast_GET_ITEM(ids, i);
+            if (small_int_value(item, &v)) {
+                Py_INCREF(item);
+                PyList_SET_ITEM(copy, i, item);
+                store_int32_le(out + 4 * i, v);
+                lo = v < lo ? v : lo;
+                hi = v > hi ? v : hi;
+                continue;
+            }
+            for (Py_ssize_t k = i; k < n; k++) {
+                PyObject *rest = PySequence_Fast_GET_ITEM(ids, k);
+                Py_INCREF(rest);
+                PyList_SET_ITEM(copy, k, rest);
+            }
+            live = 0;
         }
-        PyObject *a = PyTuple_GET_ITEM(ident_tokens, k - lo), *b = PySequence_Fast_GET_ITEM(tokens, k);
-        if (a == b) {
-            continue;
-        }
-        if (PyLong_CheckExact(a) && PyLong_CheckExact(b)) {
-            int eq = exact_ints_equal(a, b);
-            if (eq >= 0) {
-                if (!eq) {
-                    return 0;
-                }
+        PyObject *item = PyList_GET_ITEM(copy, i); /* held by the copy, which nothing else can reach */
+        if (!small_int_value(item, &v)) {
+            PyObject *index = PyNumber_Index(item);
+            if (index == NULL) {
+                Py_DECREF(packed);
+                Py_DECREF(copy);
+                return NULL;
+            }
+            int overflow;
+            v = PyLong_AsLongLongAndOverflow(index, &overflow);
+            Py_DECREF(index);
+            if (overflow || v < INT32_MIN || v > INT32_MAX) {
+                overflowed = 1;
                 continue;
             }
         }
-        Py_INCREF(a);
-        Py_INCREF(b);
-        int eq = PyObject_RichCompareBool(a, b, Py_EQ);
-        Py_DECREF(a);
-        Py_DECREF(b);
-        if (eq != 1) {
-            return eq;
-        }
+        store_int32_le(out + 4 * i, v);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
     }
-    return 1;
+    if (overflowed) {
+        Py_DECREF(packed);
+        Py_DECREF(copy);
+        PyErr_SetString(PyExc_OverflowError, "token id outside int32");
+        return NULL;
+    }
+    return Py_BuildValue("(NNLL)", copy, packed, lo, hi);
 }
 
-/* BlockPool.lookup's check of block `index` of the chain: 1, 0, or -1 with an exception. */
-static int
-identity_matches(PyObject *ident, PyObject *parent, PyObject *tokens, Py_ssize_t index, Py_ssize_t block_size)
+PyDoc_STRVAR(count_leading_in_doc,
+"count_leading_in(keys, mapping) -> int\n"
+"\n"
+"How many leading items of `keys` are keys of the dict `mapping`.");
+
+static PyObject *
+count_leading_in(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *ident_parent = PyObject_GetAttr(ident, str_parent);
-    if (ident_parent == NULL) {
-        return -1;
+    PyObject *keys_obj, *mapping;
+    if (!PyArg_ParseTuple(args, "OO!:count_leading_in", &keys_obj, &PyDict_Type, &mapping)) {
+        return NULL;
     }
-    int eq;
-    if (PyBytes_CheckExact(ident_parent) && PyBytes_CheckExact(parent)) {
-        Py_ssize_t len = PyBytes_GET_SIZE(parent);
-        eq = PyBytes_GET_SIZE(ident_parent) == len
-             && memcmp(PyBytes_AS_STRING(ident_parent), PyBytes_AS_STRING(parent), (size_t)len) == 0;
+    PyObject *keys = PySequence_Fast(keys_obj, "keys must be a sequence");
+    if (keys == NULL) {
+        return NULL;
     }
-    else {
-        eq = objects_equal(ident_parent, parent);
+    Py_ssize_t i = 0;
+    /* The size is read again each time: a key's __eq__ may change the list. */
+    for (; i < PySequence_Fast_GET_SIZE(keys); i++) {
+        PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
+        Py_INCREF(key);
+        int found = PyDict_Contains(mapping, key);
+        Py_DECREF(key);
+        if (found < 0) {
+            Py_DECREF(keys);
+            return NULL;
+        }
+        if (!found) {
+            break;
+        }
     }
-    Py_DECREF(ident_parent);
-    if (eq != 1) {
-        return eq;
-    }
-    /* tokens[index * bs : (index + 1) * bs], clamped to the sequence without overflowing. */
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(tokens);
-    Py_ssize_t lo = index > n / block_size ? n : index * block_size;
-    lo = lo < n ? lo : n;
-    Py_ssize_t hi = block_size > n - lo ? n : lo + block_size;
-    PyObject *ident_tokens = PyObject_GetAttr(ident, str_token_ids);
-    if (ident_tokens == NULL) {
-        return -1;
-    }
-    eq = tokens_equal(ident_tokens, tokens, lo, hi);
-    Py_DECREF(ident_tokens);
-    return eq;
+    Py_DECREF(keys);
+    return PyLong_FromSsize_t(i);
 }
 
 /* The position `key` names in `list`, as list[key] reads it (negative from the end); -1 with an
@@ -436,48 +485,55 @@ acquire_all(PyObject *blocks, PyObject *ref_counts, PyObject *free_blocks)
 }
 
 PyDoc_STRVAR(resident_prefix_doc,
-"resident_prefix(hashes, token_ids, root, block_size, by_hash, identity, ref_counts=None, free=None)\n"
+"resident_prefix(hashes, packed, root, block_size, by_hash, identity, ref_counts=None, free=None)\n"
 "    -> list[int]\n"
 "\n"
-"The pool blocks of the leading run of `hashes` that the pool holds and that pass BlockPool.lookup's\n"
-"check: block i is by_hash[hashes[i]], identity[block] is not None, its .parent == hashes[i-1]\n"
-"(`root` for i = 0) and its .token_ids == tuple(token_ids[i*bs:(i+1)*bs]). With `ref_counts` and\n"
+"The pool blocks of the leading run of `hashes` that the pool holds and whose identity's key is the\n"
+"request's: block i is by_hash[hashes[i]], identity[block] is not None and its .key (bytes) equals\n"
+"parent + packed[4*i*bs : 4*(i+1)*bs], parent being hashes[i-1] (`root` for i = 0), which must be\n"
+"bytes (TypeError). `packed` holds the request's token ids as int32-LE bytes. With `ref_counts` and\n"
 "`free` (the pool's lists), each of those blocks is then acquired once, as BlockPool.acquire does.");
 
 static PyObject *
 resident_prefix(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *hashes_obj, *tokens_obj, *root, *by_hash, *identity;
+    PyObject *hashes_obj, *root, *by_hash, *identity;
     PyObject *ref_counts = Py_None, *free_blocks = Py_None;
+    Py_buffer packed;
     Py_ssize_t block_size;
-    if (!PyArg_ParseTuple(args, "OOOnO!O!|OO:resident_prefix", &hashes_obj, &tokens_obj, &root, &block_size,
+    if (!PyArg_ParseTuple(args, "Oy*OnO!O!|OO:resident_prefix", &hashes_obj, &packed, &root, &block_size,
                           &PyDict_Type, &by_hash, &PyList_Type, &identity, &ref_counts, &free_blocks)) {
         return NULL;
     }
+    PyObject *hashes = NULL, *blocks = NULL, *parent = NULL;
+    PyObject *h = NULL, *block = NULL, *ident = NULL, *key = NULL;
     if (block_size < 1) {
         PyErr_Format(PyExc_ValueError, "block_size must be >= 1, got %zd", block_size);
-        return NULL;
+        goto error;
+    }
+    if (packed.len % 4 != 0) {
+        PyErr_Format(PyExc_ValueError, "packed must be whole int32 ids, got %zd bytes", packed.len);
+        goto error;
     }
     int take_refs = ref_counts != Py_None;
     if (take_refs != (free_blocks != Py_None)) {
         PyErr_SetString(PyExc_TypeError, "ref_counts and free are given together or not at all");
-        return NULL;
+        goto error;
     }
     if (take_refs && !PyList_Check(ref_counts)) {
         PyErr_SetString(PyExc_TypeError, "ref_counts must be a list");
-        return NULL;
+        goto error;
     }
-    PyObject *hashes = NULL, *tokens = NULL, *blocks = NULL, *parent = NULL;
-    PyObject *h = NULL, *block = NULL, *ident = NULL;
     if ((hashes = PySequence_Fast(hashes_obj, "hashes must be a sequence")) == NULL
-        || (tokens = PySequence_Fast(tokens_obj, "token ids must be a sequence")) == NULL
         || (blocks = PyList_New(0)) == NULL) {
         goto error;
     }
+    const char *ids = packed.buf;
+    Py_ssize_t n = packed.len / 4;
     Py_INCREF(root);
     parent = root;
-    /* Every object is held by a reference of ours while it is used: a comparison of objects that are
-     * not ints or bytes may run Python code that changes the lists and the dict. */
+    /* Every object is held by a reference of ours while it is used: a dict lookup of a key that is
+     * not exact bytes may run Python code that changes the lists and the dict. */
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(hashes); i++) {
         h = PySequence_Fast_GET_ITEM(hashes, i);
         Py_INCREF(h);
@@ -499,46 +555,153 @@ resident_prefix(PyObject *Py_UNUSED(module), PyObject *args)
         if (ident == Py_None) {
             break;
         }
-        int ok = identity_matches(ident, parent, tokens, i, block_size);
-        if (ok < 0 || (ok && PyList_Append(blocks, block) < 0)) {
+        if ((key = PyObject_GetAttr(ident, str_key)) == NULL) {
             goto error;
         }
+        if (!PyBytes_CheckExact(parent)) {
+            PyErr_SetString(PyExc_TypeError, "root and hashes must be bytes");
+            goto error;
+        }
+        /* Block i of the ids, clamped to them without overflowing. */
+        Py_ssize_t lo = i > n / block_size ? n : i * block_size;
+        lo = lo < n ? lo : n;
+        Py_ssize_t hi = block_size > n - lo ? n : lo + block_size;
+        Py_ssize_t parent_len = PyBytes_GET_SIZE(parent);
+        int ok = PyBytes_CheckExact(key) && PyBytes_GET_SIZE(key) == parent_len + 4 * (hi - lo)
+                 && memcmp(PyBytes_AS_STRING(key), PyBytes_AS_STRING(parent), (size_t)parent_len) == 0
+                 && memcmp(PyBytes_AS_STRING(key) + parent_len, ids + 4 * lo, (size_t)(4 * (hi - lo))) == 0;
         if (!ok) {
             break;
+        }
+        if (PyList_Append(blocks, block) < 0) {
+            goto error;
         }
         Py_SETREF(parent, h);
         h = NULL;
         Py_CLEAR(block);
         Py_CLEAR(ident);
+        Py_CLEAR(key);
     }
     Py_CLEAR(h);
     Py_CLEAR(block);
     Py_CLEAR(ident);
+    Py_CLEAR(key);
     /* References are taken after the walk: it never reads a count, so this acquires exactly what
      * the per-block loop would, and a failed check leaves no reference behind. */
     if (take_refs && acquire_all(blocks, ref_counts, free_blocks) < 0) {
         goto error;
     }
     Py_DECREF(parent);
-    Py_DECREF(tokens);
     Py_DECREF(hashes);
+    PyBuffer_Release(&packed);
     return blocks;
 
 error:
     Py_XDECREF(h);
     Py_XDECREF(block);
     Py_XDECREF(ident);
+    Py_XDECREF(key);
     Py_XDECREF(parent);
     Py_XDECREF(blocks);
-    Py_XDECREF(tokens);
     Py_XDECREF(hashes);
+    PyBuffer_Release(&packed);
+    return NULL;
+}
+
+PyDoc_STRVAR(release_all_doc,
+"release_all(blocks, ref_counts, free, identity) -> None\n"
+"\n"
+"BlockPool.release of every block, in order: `ref_counts[b] -= 1`; when it is then 0, `free[b] = None`\n"
+"and, for a block whose identity is None, `free.move_to_end(b, last=False)`.");
+
+static PyObject *
+release_all(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *blocks_obj, *ref_counts, *free_blocks, *identity;
+    if (!PyArg_ParseTuple(args, "OO!OO!:release_all", &blocks_obj, &PyList_Type, &ref_counts, &free_blocks,
+                          &PyList_Type, &identity)) {
+        return NULL;
+    }
+    PyObject *blocks = PySequence_Fast(blocks_obj, "blocks must be a sequence");
+    if (blocks == NULL) {
+        return NULL;
+    }
+    PyObject *block = NULL;
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(blocks); j++) {
+        block = PySequence_Fast_GET_ITEM(blocks, j);
+        Py_INCREF(block);
+        /* ref_counts[block] -= 1 */
+        Py_ssize_t b = list_position(ref_counts, block);
+        if (b < 0) {
+            goto error;
+        }
+        PyObject *count = PyList_GET_ITEM(ref_counts, b), *next;
+        long long v;
+        int is_zero;
+        if (small_int_value(count, &v)) {
+            /* No Python code runs: the count written is the count `== 0` reads next. */
+            if ((next = PyLong_FromLongLong(v - 1)) == NULL) {
+                goto error;
+            }
+            PyList_SetItem(ref_counts, b, next); /* steals next; cannot fail for a position in range */
+            is_zero = v - 1 == 0;
+        }
+        else {
+            Py_INCREF(count);
+            PyObject *one = PyLong_FromLong(1);
+            next = one == NULL ? NULL : PyNumber_InPlaceSubtract(count, one);
+            Py_XDECREF(one);
+            Py_DECREF(count);
+            if (next == NULL || (b = list_position(ref_counts, block)) < 0) {
+                Py_XDECREF(next);
+                goto error;
+            }
+            PyList_SetItem(ref_counts, b, next);
+            /* if ref_counts[block] == 0, read again as Python would */
+            if ((b = list_position(ref_counts, block)) < 0) {
+                goto error;
+            }
+            count = PyList_GET_ITEM(ref_counts, b);
+            Py_INCREF(count);
+            PyObject *zero = PyLong_FromLong(0);
+            is_zero = zero == NULL ? -1 : objects_equal(count, zero);
+            Py_XDECREF(zero);
+            Py_DECREF(count);
+            if (is_zero < 0) {
+                goto error;
+            }
+        }
+        if (is_zero) {
+            if (PyObject_SetItem(free_blocks, block, Py_None) < 0 || (b = list_position(identity, block)) < 0) {
+                goto error;
+            }
+            if (PyList_GET_ITEM(identity, b) == Py_None) {
+                PyObject *call_args[] = {free_blocks, block, Py_False};
+                PyObject *r = PyObject_VectorcallMethod(str_move_to_end, call_args, 2, kwnames_last);
+                if (r == NULL) {
+                    goto error;
+                }
+                Py_DECREF(r);
+            }
+        }
+        Py_CLEAR(block);
+    }
+    Py_DECREF(blocks);
+    Py_RETURN_NONE;
+
+error:
+    Py_XDECREF(block);
+    Py_DECREF(blocks);
     return NULL;
 }
 
 static PyMethodDef hashchain_methods[] = {
     {"chain", chain, METH_VARARGS, chain_doc},
     {"token_bounds", token_bounds, METH_O, token_bounds_doc},
+    {"pack_token_ids", pack_token_ids, METH_O, pack_token_ids_doc},
+    {"count_leading_in", count_leading_in, METH_VARARGS, count_leading_in_doc},
     {"resident_prefix", resident_prefix, METH_VARARGS, resident_prefix_doc},
+    {"release_all", release_all, METH_VARARGS, release_all_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -554,8 +717,11 @@ static struct PyModuleDef hashchain_module = {
 PyMODINIT_FUNC
 PyInit__hashchain(void)
 {
-    if ((str_parent == NULL && (str_parent = PyUnicode_InternFromString("parent")) == NULL)
-        || (str_token_ids == NULL && (str_token_ids = PyUnicode_InternFromString("token_ids")) == NULL)) {
+    static PyObject *str_last;
+    if ((str_key == NULL && (str_key = PyUnicode_InternFromString("key")) == NULL)
+        || (str_move_to_end == NULL && (str_move_to_end = PyUnicode_InternFromString("move_to_end")) == NULL)
+        || (str_last == NULL && (str_last = PyUnicode_InternFromString("last")) == NULL)
+        || (kwnames_last == NULL && (kwnames_last = PyTuple_Pack(1, str_last)) == NULL)) {
         return NULL;
     }
     return PyModule_Create(&hashchain_module);

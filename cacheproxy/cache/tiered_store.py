@@ -20,7 +20,7 @@ from cacheproxy.cache.block_entry import BlockEntry
 from cacheproxy.cache.cost_model import CostModel
 from cacheproxy.cache.cpu_tier import CpuTier
 from cacheproxy.cache.disk_tier import DiskTier
-from cacheproxy.cache.fastpath import resident_prefix
+from cacheproxy.cache.fastpath import count_leading_in, int32_bytes, resident_prefix
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.config import Settings
 from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
@@ -99,8 +99,16 @@ class TieredStore:
         pool.on_evict = self._demote
 
     # --- lookup -------------------------------------------------------------------------
-    def match(self, root: bytes, hashes: list[bytes], token_ids: list[int], max_blocks: int) -> PrefixMatch:
-        """Longest verified prefix; its blocks come back acquired once for the caller.
+    def match(
+        self,
+        root: bytes,
+        hashes: list[bytes],
+        token_ids: list[int],
+        max_blocks: int,
+        packed: bytes | None = None,
+    ) -> PrefixMatch:
+        """Longest verified prefix; its blocks come back acquired once for the caller. `packed`: the
+        same ids as int32-LE bytes where the caller has them (else they are packed here).
 
         Counts first how far the chain reaches in any tier. With a cost model, the part below the
         GPU is planned (`CostModel.plan`): loaded now, recomputed, or split: the first blocks are
@@ -109,11 +117,12 @@ class TieredStore:
         """
         bs = self.block_size
         hashes = hashes[:max_blocks]
-        reach = 0
+        # The common case, a run of pool blocks from the start, is counted in one call.
+        reach = count_leading_in(hashes, self.pool.by_hash)
         first_lower = -1
         lower_tiers: list[str] = []
         resident_after_lower = False
-        for h in hashes:
+        for h in hashes[reach:]:
             if h in self.pool.by_hash:
                 resident_after_lower |= first_lower >= 0
             else:
@@ -132,14 +141,18 @@ class TieredStore:
                 reach = first_lower
             elif plan.recompute > 0 and self.pool.num_free >= reach - first_lower:
                 self.counters.plans["split"] += 1
-                return self._match_split(root, hashes[:reach], token_ids, first_lower, lower_tiers, plan.recompute)
+                return self._match_split(
+                    root, hashes[:reach], token_ids, first_lower, lower_tiers, plan.recompute, packed
+                )
             else:
                 self.counters.plans["load"] += 1
         elif first_lower >= 0:
             self.counters.plans["load"] += 1
-        return self._match_now(root, hashes[:reach], token_ids)
+        return self._match_now(root, hashes[:reach], token_ids, packed)
 
-    def _match_now(self, root: bytes, hashes: list[bytes], token_ids: list[int]) -> PrefixMatch:
+    def _match_now(
+        self, root: bytes, hashes: list[bytes], token_ids: list[int], packed: bytes | None = None
+    ) -> PrefixMatch:
         """Every block of `hashes` from wherever it is, lower tiers copied in now. The leading run of
         verified pool blocks is taken in one call; then three passes over the rest, so that no
         demotion runs while CPU-tier slots are being read: protect the pool's blocks of the chain,
@@ -150,7 +163,13 @@ class TieredStore:
         # The leading run of verified pool blocks, acquired for the caller, in one call (C where
         # built): the common case is a whole prefix in the pool. Acquiring them first also protects
         # them from the allocations below, as the pass over the rest does for its pool blocks.
-        blocks = resident_prefix(hashes, token_ids, root, bs, by_hash, identity, ref_counts, free)
+        # It compares bytes: `packed`, the ids as int32-LE, with each block's identity key. Ids that
+        # do not pack leave the whole prefix to the checks of the loop below.
+        if packed is None:
+            packed = int32_bytes(token_ids)
+        blocks = []
+        if packed is not None:
+            blocks = resident_prefix(hashes, packed, root, bs, by_hash, identity, ref_counts, free)
         by_tier: Counter[str] = Counter()
         if blocks:
             by_tier[GPU] = bs * len(blocks)
@@ -210,11 +229,12 @@ class TieredStore:
         first_lower: int,
         tiers: list[str],
         recompute: int,
+        packed: bytes | None = None,
     ) -> PrefixMatch:
         """Blocks [0, first_lower) from the pool; the rest fresh, to be recomputed from the front by
         the caller while `advance_loads` fills them from the back."""
         bs = self.block_size
-        gpu = self._match_now(root, hashes[:first_lower], token_ids)
+        gpu = self._match_now(root, hashes[:first_lower], token_ids, packed)
         if len(gpu.blocks) < first_lower:  # a pool block failed its check: the chain ends there
             return gpu
         blocks = list(gpu.blocks)

@@ -11,19 +11,28 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from cacheproxy.cache.fastpath import identity_key, release_all
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class BlockIdentity:
-    """What a cached block claims to be; compared before any reuse."""
+    """What a cached block claims to be; compared before any reuse.
+
+    Frozen: `key` is made from `parent` and `token_ids` here and nowhere else, so it can never
+    disagree with them (the admission walk compares keys, `lookup` compares the fields)."""
 
     hash: bytes
     parent: bytes
     token_ids: tuple[int, ...]
     index: int = -1  # position of the block in its chain: the prefix holds (index + 1) blocks
+    key: bytes | None = field(init=False, repr=False, compare=False)  # fastpath.identity_key
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", identity_key(self.parent, self.token_ids))
 
 
 # Called with (block id, identity) just before a cached block's content is overwritten.
@@ -91,6 +100,10 @@ class BlockPool:
             self.free[block] = None
             if self.identity[block] is None:
                 self.free.move_to_end(block, last=False)
+
+    def release_many(self, blocks: list[int]) -> None:
+        """`release` of each block, in order, in one call (a long sequence frees thousands)."""
+        release_all(blocks, self.ref_counts, self.free, self.identity)
 
     def register(self, block: int, ident: BlockIdentity) -> bool:
         """Marks a filled block as holding `ident`; False when another block holds it already."""

@@ -10,10 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cacheproxy.cache.cost_model import CostModel, fit_prefill, measure_load_times
-from cacheproxy.cache.fastpath import token_bounds
+from cacheproxy.cache.fastpath import pack_token_ids
 from cacheproxy.cache.hashing import BlockHasher, Namespace
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.cache.tiered_store import TieredStore, build_lower_tiers
@@ -251,6 +252,11 @@ class LLMEngine:
     def check_request(self, req: GenerationRequest) -> None:
         """Raises EngineError for a request the engine can never run. Reads only fixed state, so
         any thread may call it."""
+        self._checked_prompt(req)
+
+    def _checked_prompt(self, req: GenerationRequest) -> tuple[list[int], bytes]:
+        """check_request's checks; returns a copy of the prompt's ids and their int32-LE bytes, made
+        in the same pass as the vocabulary check (the hash chain and the admission walk use them)."""
         params = req.params
         params.validate()
         n = len(req.prompt_token_ids)
@@ -265,9 +271,9 @@ class LLMEngine:
             )
         vocab = self.config.vocab_size
         try:
-            lowest, highest = token_bounds(req.prompt_token_ids)
-        except (OverflowError, TypeError):  # beyond int64, or not integers: not in the vocabulary
-            lowest = highest = -1
+            prompt, packed, lowest, highest = pack_token_ids(req.prompt_token_ids)
+        except (OverflowError, TypeError):  # beyond int32 (so beyond any vocabulary), or not integers
+            prompt, packed, lowest, highest = [], b"", -1, -1
         if lowest < 0 or highest >= vocab:
             raise EngineError(f"token ids must be in [0, {vocab})", "invalid_prompt")
         need = -(-(n + params.max_tokens) // self.block_size)
@@ -276,15 +282,17 @@ class LLMEngine:
                 f"the request needs {need} KV blocks, the pool has {self.pool.num_blocks}",
                 "context_length_exceeded",
             )
+        return prompt, packed
 
     def add_request(self, req: GenerationRequest) -> None:
-        self.check_request(req)
+        prompt, packed = self._checked_prompt(req)
         if req.request_id in self.seqs:
             raise EngineError(f"request id {req.request_id} is already running", "duplicate_request")
         params = req.params
         root = self.hasher.root(req.cache_salt)
-        seq = Sequence(req.request_id, list(req.prompt_token_ids), params, root)
-        seq.block_hashes = self.hasher.hash_blocks(seq.prompt_ids, parent=root)
+        seq = Sequence(req.request_id, prompt, params, root, prompt_packed=packed)
+        # A view of the packed ids, hashed in place: no second conversion of the ids.
+        seq.block_hashes = self.hasher.hash_blocks(np.frombuffer(packed, dtype="<i4"), parent=root)
         if params.seed is not None and not params.greedy:
             # any 64-bit seed (negative ones too) maps onto the generator's unsigned range
             seq.generator = torch.Generator(device="cpu").manual_seed(params.seed % (2**64 - 1))

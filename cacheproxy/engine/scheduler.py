@@ -12,6 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from cacheproxy.cache.fastpath import int32_bytes
 from cacheproxy.cache.tiered_store import TieredStore
 from cacheproxy.engine.block_pool import BlockPool
 from cacheproxy.engine.sequence import Sequence, SequenceStatus
@@ -104,15 +105,21 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
         bs = self.block_size
-        tokens = seq.prompt_ids + seq.output_ids
+        # The match reads the ids, never changes them: a prompt alone is passed as it is.
+        tokens = seq.prompt_ids + seq.output_ids if seq.output_ids else seq.prompt_ids
+        packed: bytes | None = None  # None: the store packs the ids itself
+        if len(seq.prompt_packed) == 4 * len(seq.prompt_ids):
+            packed = seq.prompt_packed
+            if seq.output_ids:  # re-admitted after a preemption
+                more = int32_bytes(seq.output_ids)
+                packed = None if more is None else packed + more
         # At least the last token is computed: its logits choose the next token.
         max_blocks = (len(tokens) - 1) // bs
-        match = self.store.match(seq.root_hash, seq.block_hashes[:max_blocks], tokens, max_blocks)
+        match = self.store.match(seq.root_hash, seq.block_hashes[:max_blocks], tokens, max_blocks, packed)
         n = min(len(tokens) - match.num_tokens, budget)
         need = -(-(match.num_tokens + n) // bs) - len(match.blocks)
         if need > self.pool.num_free:
-            for b in match.blocks:
-                self.pool.release(b)
+            self.pool.release_many(match.blocks)
             return False
         seq.block_table = list(match.blocks)
         seq.num_computed = match.num_tokens
@@ -193,8 +200,7 @@ class Scheduler:
         if seq.pending_load is not None:
             self.store.cancel_load(seq.pending_load)
             seq.pending_load = None
-        for b in reversed(seq.block_table):
-            self.pool.release(b)
+        self.pool.release_many(seq.block_table[::-1])
         seq.block_table = []
         seq.num_computed = 0
         seq.num_registered = 0

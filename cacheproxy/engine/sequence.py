@@ -24,6 +24,10 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     root_hash: bytes
+    # prompt_ids as int32-LE bytes, made from the same copy (fastpath.pack_token_ids); the admission
+    # walk verifies pool blocks against them, so they must never disagree with prompt_ids. b"" when
+    # not made: the scheduler then lets the store pack the ids itself.
+    prompt_packed: bytes = b""
     arrival_time: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
