@@ -301,7 +301,7 @@ pack_token_ids(PyObject *Py_UNUSED(module), PyObject *ids)
     /* A list or tuple is copied in the same pass that packs it (each int is read once). Only an item
      * that is not a small exact int can run Python code (its __index__), so the rest of the copy is
      * taken before the first such item is converted: the copy is then a snapshot, as list(ids) is. */
-    int live = PyList_CheckExact(ids) || PyTuple_CheckExact(ids);
+    const int live = PyList_CheckExact(ids) || PyTuple_CheckExact(ids);
     Py_ssize_t n;
     PyObject *copy;
     if (live) {
@@ -328,26 +328,30 @@ pack_token_ids(PyObject *Py_UNUSED(module), PyObject *ids)
     }
     unsigned char *out = (unsigned char *)PyBytes_AS_STRING(packed);
     long long lo = LLONG_MAX, hi = LLONG_MIN;
-    int overflowed = 0; /* reported after the scan, so that a later non-integer wins */
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long long v;
-        if (live) {
-            PyObject *item = PySequence_Fast_GET_ITEM(ids, i);
-            if (small_int_value(item, &v)) {
-                Py_INCREF(item);
-                PyList_SET_ITEM(copy, i, item);
-                store_int32_le(out + 4 * i, v);
-                lo = v < lo ? v : lo;
-                hi = v > hi ? v : hi;
-                continue;
+    Py_ssize_t i = 0;
+    if (live) {
+        /* The common case, every id a small exact int, in one tight loop. */
+        PyObject **src = PySequence_Fast_ITEMS(ids), **dst = ((PyListObject *)copy)->ob_item;
+        for (; i < n; i++) {
+            long long v;
+            PyObject *item = src[i];
+            if (!small_int_value(item, &v)) {
+                break;
             }
-            for (Py_ssize_t k = i; k < n; k++) {
-                PyObject *rest = PySequence_Fast_GET_ITEM(ids, k);
-                Py_INCREF(rest);
-                PyList_SET_ITEM(copy, k, rest);
-            }
-            live = 0;
+            Py_INCREF(item);
+            dst[i] = item;
+            store_int32_le(out + 4 * i, v);
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
         }
+        for (Py_ssize_t k = i; k < n; k++) {
+            Py_INCREF(src[k]);
+            dst[k] = src[k];
+        }
+    }
+    int overflowed = 0; /* reported after the scan, so that a later non-integer wins */
+    for (; i < n; i++) {
+        long long v;
         PyObject *item = PyList_GET_ITEM(copy, i); /* held by the copy, which nothing else can reach */
         if (!small_int_value(item, &v)) {
             PyObject *index = PyNumber_Index(item);
@@ -417,8 +421,12 @@ count_leading_in(PyObject *Py_UNUSED(module), PyObject *args)
 static Py_ssize_t
 list_position(PyObject *list, PyObject *key)
 {
-    Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
-    if (i == -1 && PyErr_Occurred()) {
+    long long small;
+    Py_ssize_t i;
+    if (small_int_value(key, &small)) {
+        i = (Py_ssize_t)small;
+    }
+    else if ((i = PyNumber_AsSsize_t(key, PyExc_IndexError)) == -1 && PyErr_Occurred()) {
         return -1;
     }
     Py_ssize_t n = PyList_GET_SIZE(list);
