@@ -68,7 +68,9 @@ def _rows_view(op: str, name: str, t: torch.Tensor) -> tuple[int, int, int, int]
     raise AssertionError  # unreachable
 
 
-@triton.jit
+# num_rows is the step's token count: specialising on it (== 1, multiple of 16) compiled a new variant
+# the first time an eager step of an unseen size came up, a stall of seconds on a serving engine.
+@triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr,
     num_rows, n1, n, eps,

@@ -59,6 +59,12 @@ MAX_PREFILL_SPLITS = 64
 MIN_TILES_PER_PREFILL_SPLIT = 2
 
 
+# Integer arguments that change from step to step (block-table width, split count). Triton would
+# compile a variant per value class (== 1, multiple of 16); eager steps of a server then paid a compile
+# (seconds) the first time a width came up that start-up had not seen. None of them sets a memory layout.
+_VARIES_BY_STEP = ["stride_btb", "num_splits"]
+
+
 class PrefillPlan(NamedTuple):
     """Launch shape: `grouped` False runs the tiled kernel with `tiling`; True the split-K kernel."""
 
@@ -217,7 +223,7 @@ def _cached_span(
     return acc, denom, row_max
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARIES_BY_STEP)
 def _prefix_prefill_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, cu_seqlens_q_ptr, cached_lens_ptr, out_ptr,
     scale_log2,
@@ -341,7 +347,7 @@ def launch_prefix_prefill(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARIES_BY_STEP)
 def _grouped_split_prefill_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, cu_seqlens_q_ptr, cached_lens_ptr, out_ptr,
     part_out_ptr, part_lse_ptr,
@@ -455,7 +461,7 @@ def _grouped_split_prefill_kernel(
         tl.store(part_lse_ptr + token_rows * stride_lt + heads * stride_lh + split, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARIES_BY_STEP)
 def _prefill_merge_kernel(
     cu_seqlens_q_ptr, part_out_ptr, part_lse_ptr, out_ptr,
     stride_pt, stride_ph, stride_ps,

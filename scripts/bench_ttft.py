@@ -105,6 +105,27 @@ def make_engine(workdir: Path, cfg_dir: Path, tok_dir: Path, **kw: object) -> LL
     return LLMEngine(settings, model, Tokenizer(tok_dir), cfg_dir, torch.device("cuda"))
 
 
+GC_PAUSES: list[tuple[int, float]] = []  # (generation, seconds) of each collection since the last clear
+_gc_started = [0.0]
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append((info["generation"], time.perf_counter() - _gc_started[0]))
+
+
+gc.callbacks.append(_on_gc)
+
+
+def gc_report() -> str:
+    """The collector's pauses since the last call: a long one explains an outlier TTFT."""
+    text = ", ".join(f"gen{g} {1e3 * s:.1f} ms" for g, s in GC_PAUSES if s > 1e-3) or "none over 1 ms"
+    GC_PAUSES.clear()
+    return text
+
+
 def ttft(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[float, dict[str, int]]:
     sync()
     t0 = time.perf_counter()
@@ -178,14 +199,18 @@ def bench_tiers(engine: LLMEngine, lengths: list[int]) -> list[dict[str, object]
         row["gpu"], row["gpu_tiers"], row["gpu_phases"] = ttft_phases(engine, f"gpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
         engine.store.evict_gpu()
         quiesce(engine)
+        gc_report()
         row["cpu"], row["cpu_tiers"] = ttft(engine, f"cpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        row["cpu_gc"] = gc_report()
         saved = engine.store.cost_model
         engine.store.cost_model = None  # load every block, whatever the plan would say
         engine.store.evict_gpu()
         quiesce(engine)
+        gc_report()
         row["cpu_forced"], row["cpu_forced_tiers"], row["cpu_phases"] = ttft_phases(
             engine, f"cpuf-{n}", prefix + rand_ids(g, NEW_TOKENS)
         )
+        row["cpu_forced_gc"] = gc_report()
         engine.store.cost_model = saved
         drop_to_disk_only(engine)
         row["disk"], row["disk_tiers"] = ttft(engine, f"disk-{n}", prefix + rand_ids(g, NEW_TOKENS))
@@ -206,6 +231,10 @@ def profile_gpu_hit(engine: LLMEngine, n: int, repeats: int = 7) -> None:
     import io
     import pstats
 
+    t0 = time.perf_counter()
+    gc.collect()
+    print(f"full gc.collect(): {1e3 * (time.perf_counter() - t0):.1f} ms over {len(gc.get_objects())} tracked objects; "
+          f"frozen {gc.get_freeze_count()}", flush=True)  # fmt: skip
     g = torch.Generator().manual_seed(3)
     prefix = rand_ids(g, n)
     ttft(engine, "profile-prime", prefix + rand_ids(g, NEW_TOKENS))
