@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import uuid
 from typing import TYPE_CHECKING
@@ -58,6 +59,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+_froze_startup_objects = False
+
+
+def _freeze_startup_objects() -> None:
+    """Moves what start-up made (torch, Triton, the model, the tokenizer: ~300k objects, all alive as
+    long as the server) out of the cyclic collector's sight. A full collection walked them in ~150 ms,
+    inside whichever request's TTFT it happened to land. Once per process: a test process that starts
+    several servers keeps only the first one's start-up objects frozen."""
+    global _froze_startup_objects
+    if not _froze_startup_objects:
+        _froze_startup_objects = True
+        gc.collect()
+        gc.freeze()
+
+
 async def _start_engine(state: ServerState) -> None:
     try:
         await state.engine.start()
@@ -65,6 +81,7 @@ async def _start_engine(state: ServerState) -> None:
         state.engine_start_error = exc
         log.exception("engine_start_failed")
         raise
+    _freeze_startup_objects()
     log.info("engine_ready", model=state.engine.model_name, max_model_len=state.engine.max_model_len)
 
 
@@ -108,6 +125,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None, *, start_e
             await state.engine.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, state.records.close)
         state.executor.shutdown(wait=False, cancel_futures=True)
+        gc.unfreeze()  # back to the collector: the process ends or goes on without this server
         log.info("server_stopped")
 
     app.on_startup.append(on_startup)
