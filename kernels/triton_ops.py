@@ -26,7 +26,13 @@ from kernels.triton_decode import (
     plan_decode_splits,
 )
 from kernels.triton_kv_movement import launch_copy_blocks, launch_write_kv
-from kernels.triton_prefill import launch_grouped_prefix_prefill, launch_prefix_prefill, plan_prefix_prefill
+from kernels.triton_prefill import (
+    launch_causal_prefill,
+    launch_grouped_prefix_prefill,
+    launch_prefix_prefill,
+    plan_prefix_prefill,
+    prefill_tiling_for,
+)
 
 __all__ = ["copy_blocks", "paged_decode", "prefix_prefill", "write_kv"]
 
@@ -238,7 +244,9 @@ def prefix_prefill(
     args = (q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, float(scale), out, max_query_len)
     if plan.grouped:
         return launch_grouped_prefix_prefill(*args, plan.tiling, plan.num_splits)
-    return launch_prefix_prefill(*args, plan.tiling)
+    if plan.contiguous and launch_causal_prefill(q, k, v, cu_seqlens_q, float(scale), out, max_query_len, plan.tiling):
+        return out
+    return launch_prefix_prefill(*args, prefill_tiling_for(q.device, q.shape[2]) if plan.contiguous else plan.tiling)
 
 
 def write_kv(

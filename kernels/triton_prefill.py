@@ -21,11 +21,18 @@ Callers validate arguments first (`kernels.triton_ops`); the launchers trust wha
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side tensor-memory descriptors (Triton 3.3 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the install
+    TensorDescriptor = None  # type: ignore[assignment,misc]
 
 from kernels.triton_decode import dot_precision
 
@@ -50,6 +57,17 @@ def prefill_tiling_for(device: torch.device, head_dim: int) -> PrefillTiling:
     return PrefillTiling(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
+def causal_tiling_for(device: torch.device, head_dim: int) -> PrefillTiling:
+    """Tiles of the causal kernel (no cached part, q/k/v through descriptors)."""
+    if device.type != "cuda":
+        return PrefillTiling(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return PrefillTiling(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    # H200, one 16k causal sequence, 32/8 heads, bf16: 522 TFLOP/s against 439 for the tiled kernel
+    # with pointer loads (BENCHMARKS.md, "Batch-1 decode: variants tried" notes).
+    return PrefillTiling(block_m=128, block_n=128, num_warps=8, num_stages=3)
+
+
 # Split-K plan constants. The tiled grid is kept when it fills at least this share of one wave of
 # programs (512 new tokens of one sequence: 4 x 32 = 128 programs on 132 SMs, measured at 1.08x SDPA).
 TILED_MIN_WAVE_FILL = 0.6
@@ -66,11 +84,30 @@ _VARIES_BY_STEP = ["stride_btb", "num_splits"]
 
 
 class PrefillPlan(NamedTuple):
-    """Launch shape: `grouped` False runs the tiled kernel with `tiling`; True the split-K kernel."""
+    """Launch shape: `grouped` False runs the tiled kernel with `tiling`; True the split-K kernel.
+    `contiguous`: nothing is cached, so the tiled work runs as the causal kernel that reads q/k/v
+    through tensor-memory descriptors (Hopper and later, and the interpreter)."""
 
     grouped: bool
     tiling: PrefillTiling
     num_splits: int = 1
+    contiguous: bool = False
+
+
+def descriptors_supported(device: torch.device) -> bool:
+    """Tensor-memory (TMA) descriptors: Hopper and later; the interpreter emulates them."""
+    if TensorDescriptor is None:
+        return False
+    if device.type != "cuda":
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not torch.cuda.is_available():  # a plan made for a CUDA device on a machine without one (tests)
+        return False
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _cuda_capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def split_prefill_tiling_for(device: torch.device, head_dim: int, rows: int) -> PrefillTiling:
@@ -111,6 +148,8 @@ def plan_prefix_prefill(
     tiled_programs = triton.cdiv(max_query_len, tiled.block_m) * num_q_heads * batch
     group = num_q_heads // num_kv_heads
     if num_splits is None and max_query_len >= tiled.block_m and tiled_programs >= TILED_MIN_WAVE_FILL * num_sms:
+        if max_cached_len == 0 and descriptors_supported(device):
+            return PrefillPlan(False, causal_tiling_for(device, head_dim), contiguous=True)
         return PrefillPlan(False, tiled)
     tiling = split_prefill_tiling_for(device, head_dim, max_query_len * group)
     if num_splits is not None:
@@ -562,3 +601,106 @@ def launch_grouped_prefix_prefill(
             num_warps=4,
         )
     return out
+
+
+@triton.jit
+def _causal_prefill_kernel(
+    q_desc, k_desc, v_desc, cu_seqlens_q_ptr, out_ptr,
+    scale_log2,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """New tokens with nothing cached: tile (BLOCK_M tokens of one sequence, one query head) attends
+    causally to the sequence's own keys. q/k/v come in through descriptors over the packed [T, heads * D]
+    rows; a tile that runs past its sequence reads the next one's rows, which the causal mask and the
+    store mask keep out."""
+    head = tl.program_id(0)
+    seq = tl.program_id(2)
+    seq_start = tl.load(cu_seqlens_q_ptr + seq)
+    num_new = tl.load(cu_seqlens_q_ptr + seq + 1) - seq_start
+    tiles = tl.cdiv(num_new, BLOCK_M)
+    if tl.program_id(1) >= tiles:
+        return
+    first = (tiles - 1 - tl.program_id(1)) * BLOCK_M  # the longest rows launch first
+    kv_col = (head // GROUP) * HEAD_DIM
+    q = q_desc.load([seq_start + first, head * HEAD_DIM])
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    rows = first + tl.arange(0, BLOCK_M)
+    for key_start in range(0, first, BLOCK_N):  # keys before the tile: visible to every row
+        k = k_desc.load([seq_start + key_start, kv_col])
+        v = v_desc.load([seq_start + key_start, kv_col])
+        acc, denom, row_max = _online_softmax_step(
+            acc, denom, row_max, q, k, v, rows[:, None] >= 0, scale_log2, False, DOT_PRECISION
+        )
+    for key_start in range(first, tl.minimum(first + BLOCK_M, num_new), BLOCK_N):
+        keys = key_start + tl.arange(0, BLOCK_N)
+        k = k_desc.load([seq_start + key_start, kv_col])
+        v = v_desc.load([seq_start + key_start, kv_col])
+        keep = (keys[None, :] <= rows[:, None]) & (keys[None, :] < num_new)
+        acc, denom, row_max = _online_softmax_step(
+            acc, denom, row_max, q, k, v, keep, scale_log2, True, DOT_PRECISION
+        )
+
+    out = acc / denom[:, None]
+    token_rows = (seq_start + rows).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM)
+    tl.store(
+        out_ptr + token_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=(rows < num_new)[:, None],
+    )
+
+
+def _rows_descriptor(t: torch.Tensor, block_rows: int) -> object | None:
+    """A descriptor over t [T, H, D] as [T, H * D] rows, or None where TMA cannot address it
+    (heads not packed, or a base or row stride off 16 bytes)."""
+    num_tokens, heads, dim = t.shape
+    if t.stride(2) != 1 or t.stride(1) != dim or num_tokens == 0:
+        return None
+    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        return None
+    flat = t.as_strided((num_tokens, heads * dim), (t.stride(0), 1))
+    return TensorDescriptor(flat, [num_tokens, heads * dim], [t.stride(0), 1], [block_rows, dim])
+
+
+def launch_causal_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    max_query_len: int,
+    tiling: PrefillTiling,
+) -> bool:
+    """Runs the causal kernel into `out`; False (nothing launched) when q/k/v cannot be described."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    if num_tokens == 0 or batch == 0 or max_query_len == 0:
+        return True
+    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+        return False  # measured and tuned for 16-bit tiles only; fp32 keeps the pointer kernel
+    descs = (_rows_descriptor(q, tiling.block_m), _rows_descriptor(k, tiling.block_n), _rows_descriptor(v, tiling.block_n))
+    if any(d is None for d in descs):
+        return False
+    grid = (num_q_heads, triton.cdiv(max_query_len, tiling.block_m), batch)
+    _causal_prefill_kernel[grid](
+        *descs, cu_seqlens_q, out,
+        scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        out.stride(0), out.stride(1),
+        GROUP=num_q_heads // k.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_M=tiling.block_m,
+        BLOCK_N=tiling.block_n,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
+    )
+    return True

@@ -69,6 +69,15 @@ PREFILL_CASES = [
     PrefillCase("gqa8-d128-bs32-fp16-cached", torch.float16, 8, 1, 128, 32, (33,), (95,)),
     PrefillCase("gqa8-d64-bs16-fp32-empty-seq", torch.float32, 8, 1, 64, 16, (3, 0, 18), (10, 7, 0)),
 ]
+# Nothing cached and the op told so (max_cached_len 0): the causal kernel reading q/k/v through
+# tensor-memory descriptors; ragged sequences whose last tiles run into the next sequence's rows.
+CAUSAL_PREFILL_CASES = [
+    PrefillCase("causal-gqa4-d64-bs16-fp16-ragged", torch.float16, 8, 2, 64, 16, (37, 5, 16, 50), (0, 0, 0, 0),
+                tight_cached_bound=True),
+    PrefillCase("causal-gqa1-d128-bs32-fp32", torch.float32, 2, 2, 128, 32, (33, 17), (0, 0), tight_cached_bound=True),
+    PrefillCase("causal-gqa8-d64-bs16-fp32-empty-seq", torch.float32, 8, 1, 64, 16, (19, 0, 40), (0, 0, 0),
+                tight_cached_bound=True, padding_tokens=5),
+]
 # Few new tokens after a long-ish cached prefix: the grouped split-K kernel (the plan picks it for
 # these on the interpreter's stand-in multiprocessor count; a test below holds it to that).
 SPLIT_PREFILL_CASES = [
@@ -319,7 +328,7 @@ def cases(seed: int) -> dict[str, tuple[str, dict[str, Any]]]:
     built: dict[str, tuple[str, dict[str, Any]]] = {}
     for c in DECODE_CASES:
         built[c.name] = ("paged_decode", decode_inputs(c, gen))
-    for c in PREFILL_CASES + SPLIT_PREFILL_CASES:
+    for c in PREFILL_CASES + CAUSAL_PREFILL_CASES + SPLIT_PREFILL_CASES:
         built[c.name] = ("prefix_prefill", prefill_inputs(c, gen))
     for name, (op, make) in MOVE_CASES.items():
         built[name] = (op, make(gen))
@@ -345,7 +354,7 @@ def assert_prefill_close(actual: torch.Tensor, inputs: dict[str, Any], dtype: to
     assert torch.isnan(actual[real:]).all(), f"padding rows past the last sequence were written; seed {seed}"
 
 
-@pytest.mark.parametrize("case", PREFILL_CASES + SPLIT_PREFILL_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", PREFILL_CASES + CAUSAL_PREFILL_CASES + SPLIT_PREFILL_CASES, ids=lambda c: c.name)
 def test_triton_prefix_prefill_matches_float64_attention(case: PrefillCase, cases, interpreted, seed: int) -> None:
     _, inputs = cases[case.name]
     assert_prefill_close(interpreted[case.name]["out"], inputs, case.dtype, seed)
@@ -358,7 +367,7 @@ def test_reference_paged_decode_matches_float64_attention(case: DecodeCase, case
     assert_attention_close(out, decode_oracle(inputs), case.dtype, seed)
 
 
-@pytest.mark.parametrize("case", PREFILL_CASES + SPLIT_PREFILL_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", PREFILL_CASES + CAUSAL_PREFILL_CASES + SPLIT_PREFILL_CASES, ids=lambda c: c.name)
 def test_reference_prefix_prefill_matches_float64_attention(case: PrefillCase, cases, seed: int) -> None:
     _, inputs = cases[case.name]
     out = run_op(reference, "prefix_prefill", inputs, poison=True)["out"]
@@ -439,10 +448,15 @@ def _prefill_plan_of(case: PrefillCase, inputs: dict[str, Any]):  # type: ignore
     )
 
 
-def test_interpreted_prefill_cases_cover_both_kernels_and_several_splits(cases) -> None:
+def test_interpreted_prefill_cases_cover_the_three_kernels_and_several_splits(
+    cases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as in the child process: descriptors are emulated there
     tiled = [_prefill_plan_of(c, cases[c.name][1]) for c in PREFILL_CASES]
+    causal = [_prefill_plan_of(c, cases[c.name][1]) for c in CAUSAL_PREFILL_CASES]
     split = {c.name: _prefill_plan_of(c, cases[c.name][1]) for c in SPLIT_PREFILL_CASES}
-    assert not any(p.grouped for p in tiled), tiled
+    assert not any(p.grouped or p.contiguous for p in tiled), tiled
+    assert all(p.contiguous and not p.grouped for p in causal), causal
     assert all(p.grouped for p in split.values()), split
     auto = [split[c.name] for c in SPLIT_PREFILL_CASES if c.num_splits is None]
     assert all(p.num_splits > 1 for p in auto), auto

@@ -271,3 +271,29 @@ def test_copy_blocks_moves_many_blocks_in_one_launch(gen: Any) -> None:
     expected[dst_ids.long()] = pool[src_ids]
     triton_ops.copy_blocks(pool, staging, src_ids, dst_ids)
     torch.testing.assert_close(staging, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefix_prefill_with_nothing_cached_runs_the_causal_descriptor_kernel(dtype: torch.dtype, gen: Any) -> None:
+    """A cold prefill told `max_cached_len=0`: q/k/v are views of one fused qkv row block (as the
+    model makes them) read through tensor-memory descriptors; ragged sequences, one of 3000 tokens."""
+    from kernels.triton_prefill import descriptors_supported, plan_prefix_prefill
+
+    g, seed = gen
+    new_lens = [3000, 1, 130, 0, 1024]
+    tokens, width = sum(new_lens), (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
+    qkv = torch.randn(tokens, width, device="cuda", dtype=dtype, generator=g)
+    q_end, k_end = NUM_Q_HEADS * HEAD_DIM, (NUM_Q_HEADS + NUM_KV_HEADS) * HEAD_DIM
+    x = {
+        "q": qkv[:, :q_end].view(tokens, NUM_Q_HEADS, HEAD_DIM),
+        "k": qkv[:, q_end:k_end].view(tokens, NUM_KV_HEADS, HEAD_DIM),
+        "v": qkv[:, k_end:].view(tokens, NUM_KV_HEADS, HEAD_DIM),
+        "cu": torch.tensor([0, *torch.tensor(new_lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32),
+    }
+    cached_lens = [0] * len(new_lens)
+    pool, table = _pool_and_table([16] * len(new_lens), 16, dtype, g)
+    plan = plan_prefix_prefill(len(new_lens), NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, max(new_lens), 0,
+                               torch.cuda.get_device_properties(0).multi_processor_count, torch.device("cuda"))
+    assert plan.contiguous == descriptors_supported(torch.device("cuda"))
+    expected = _prefill_oracle(x, pool, table, new_lens, cached_lens)
+    _assert_close(_run_prefill(x, pool, table, cached_lens, max(new_lens), max_cached_len=0), expected, dtype, seed)
