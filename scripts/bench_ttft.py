@@ -94,7 +94,7 @@ def h2d_bandwidth() -> float:
 def make_engine(workdir: Path, cfg_dir: Path, tok_dir: Path, **kw: object) -> LLMEngine:
     opts: dict[str, object] = {
         "model": str(cfg_dir), "data_dir": workdir, "device": "cuda", "dtype": "bfloat16",
-        "max_num_batched_tokens": 16384, "max_num_seqs": 32, "kv_cache_bytes": 40 << 30,
+        "max_num_batched_tokens": 32768 + NEW_TOKENS, "max_num_seqs": 32, "kv_cache_bytes": 40 << 30,
         "cpu_cache_bytes": 12 << 30, "disk_cache_bytes": 24 << 30, "max_model_len": 40960,
     }  # fmt: skip
     opts.update(kw)

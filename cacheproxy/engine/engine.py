@@ -193,6 +193,8 @@ class LLMEngine:
                 block_tables=table,
                 cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32, device=dev),
                 cached_lens=torch.zeros(1, dtype=torch.int32, device=dev),
+                max_query_len=tokens,
+                max_cached_len=0,  # as a cold prompt's eager step: its kernels compile now, not in a request
             )
         )
         try:

@@ -87,6 +87,7 @@ class Attention(nn.Module):
             o = kernels.prefix_prefill(
                 q, k, v, self.k_cache, self.v_cache, ctx.block_tables,
                 ctx.cu_seqlens_q, ctx.cached_lens, self.scale,
+                max_query_len=ctx.max_query_len, max_cached_len=ctx.max_cached_len,
             )  # fmt: skip
         else:
             o = kernels.paged_decode(

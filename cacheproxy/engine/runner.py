@@ -73,6 +73,8 @@ class ModelRunner:
         if ctx.is_prefill:
             ctx.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True)
             ctx.cached_lens = starts.to(dev, non_blocking=True)
+            ctx.max_query_len = max(c.length for c in step.chunks)
+            ctx.max_cached_len = max(c.start for c in step.chunks)
         else:
             ctx.context_lens = (starts + 1).to(dev, non_blocking=True)
         return input_ids, pos_t, ctx, sample_idx

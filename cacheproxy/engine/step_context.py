@@ -19,6 +19,10 @@ class StepContext:
     # prefill only
     cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32
     cached_lens: torch.Tensor | None = None  # [B] int32: tokens already in the pool before this step
+    # Host-side bounds for the attention kernels' launch shape (eager steps; None in a CUDA graph,
+    # which is replayed for other lengths): most new tokens, most cached tokens of any sequence.
+    max_query_len: int | None = None
+    max_cached_len: int | None = None
     # decode only
     context_lens: torch.Tensor | None = None  # [B] int32: including the token of this step
 
