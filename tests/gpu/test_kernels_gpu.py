@@ -276,11 +276,12 @@ def test_copy_blocks_moves_many_blocks_in_one_launch(gen: Any) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_prefix_prefill_with_nothing_cached_runs_the_causal_descriptor_kernel(dtype: torch.dtype, gen: Any) -> None:
     """A cold prefill told `max_cached_len=0`: q/k/v are views of one fused qkv row block (as the
-    model makes them) read through tensor-memory descriptors; ragged sequences, one of 3000 tokens."""
+    model makes them) read through tensor-memory descriptors; ragged sequences, the longest past the
+    kernel's minimum (CAUSAL_MIN_TOKENS)."""
     from kernels.triton_prefill import descriptors_supported, plan_prefix_prefill
 
     g, seed = gen
-    new_lens = [3000, 1, 130, 0, 1024]
+    new_lens = [5000, 1, 130, 0, 1024]
     tokens, width = sum(new_lens), (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
     qkv = torch.randn(tokens, width, device="cuda", dtype=dtype, generator=g)
     q_end, k_end = NUM_Q_HEADS * HEAD_DIM, (NUM_Q_HEADS + NUM_KV_HEADS) * HEAD_DIM
