@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,18 @@ async def test_routes_answer_503_while_the_model_loads_then_200(tiny_model_dir: 
                 assert resp.status == 200
     finally:
         await runner.cleanup()
+
+
+async def test_start_up_objects_leave_the_collector_while_the_server_runs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = _settings(tiny_model_dir, tmp_path)
+    app = create_app(settings, AsyncEngine(settings))
+    runner, _ = await _serve_in_process(app)
+    try:
+        await app[STATE].engine_start_task
+        assert gc.get_freeze_count() > 10_000  # torch, the model, the tokenizer...
+    finally:
+        await runner.cleanup()
+    assert gc.get_freeze_count() == 0  # handed back: nothing of this server outlives it frozen
 
 
 async def test_a_full_queue_is_429_with_retry_after(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -59,19 +59,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-_froze_startup_objects = False
+_frozen_by_a_server = False
 
 
 def _freeze_startup_objects() -> None:
     """Moves what start-up made (torch, Triton, the model, the tokenizer: ~300k objects, all alive as
     long as the server) out of the cyclic collector's sight. A full collection walked them in ~150 ms,
-    inside whichever request's TTFT it happened to land. Once per process: a test process that starts
-    several servers keeps only the first one's start-up objects frozen."""
-    global _froze_startup_objects
-    if not _froze_startup_objects:
-        _froze_startup_objects = True
+    inside whichever request's TTFT it happened to land. The server's cleanup hands them back, so a
+    process that starts servers one after another (tests) frees each one's objects in turn."""
+    global _frozen_by_a_server
+    if not _frozen_by_a_server:
+        _frozen_by_a_server = True
         gc.collect()
         gc.freeze()
+
+
+def _unfreeze_startup_objects() -> None:
+    global _frozen_by_a_server
+    if _frozen_by_a_server:
+        _frozen_by_a_server = False
+        gc.unfreeze()
 
 
 async def _start_engine(state: ServerState) -> None:
@@ -125,7 +132,7 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None, *, start_e
             await state.engine.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, state.records.close)
         state.executor.shutdown(wait=False, cancel_futures=True)
-        gc.unfreeze()  # back to the collector: the process ends or goes on without this server
+        _unfreeze_startup_objects()  # back to the collector: the process ends or goes on without this server
         log.info("server_stopped")
 
     app.on_startup.append(on_startup)
