@@ -311,3 +311,30 @@ def test_dummy_weights_serve_a_config_without_safetensors(tmp_path: Path, models
     # random weights never share a cache namespace with the real checkpoint of the same config
     assert a.namespace.digest != real.namespace.digest
     assert a.namespace.digest == b.namespace.digest
+
+
+def test_eager_prefill_steps_tell_attention_their_real_bounds(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each prefill step passes the most new and the most cached tokens of its chunks (host ints the
+    GPU kernels size their launch from: a cold step takes the causal kernel only with max_cached_len 0)."""
+    import kernels
+
+    seen: list[tuple[int | None, int | None]] = []
+    real = kernels.prefix_prefill
+
+    def spy(*args, max_query_len=None, max_cached_len=None, **kw):  # type: ignore[no-untyped-def]
+        seen.append((max_query_len, max_cached_len))
+        return real(*args, max_query_len=max_query_len, max_cached_len=max_cached_len, **kw)
+
+    monkeypatch.setattr(kernels, "prefix_prefill", spy)
+    engine = _engine(models["llama"], tmp_path, max_num_batched_tokens=64)
+    seen.clear()  # start-up's own passes (the cost model's timing prefills)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    rng = random.Random(5)
+    prompt = [rng.randrange(5, 200) for _ in range(150)]
+    generate_blocking(engine, [GenerationRequest("long", prompt, params)])
+    layers = engine.config.num_hidden_layers
+    per_step = seen[::layers]
+    assert seen == [b for b in per_step for _ in range(layers)]  # every layer of a step sees the same bounds
+    assert per_step == [(64, 0), (64, 64), (22, 128)]  # chunks of 64 tokens: cold, then after 64 and 128 cached
