@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -716,17 +717,35 @@ def launch_causal_prefill(
     descs = (_rows_descriptor(q, tiling.block_m), _rows_descriptor(k, tiling.block_n), _rows_descriptor(v, tiling.block_n))
     if any(d is None for d in descs):
         return False
+    variant = (q.device, q.dtype, head_dim, num_q_heads // k.shape[1], tiling)
+    if variant in _causal_variants_that_failed:
+        return False
     grid = (num_q_heads, triton.cdiv(max_query_len, tiling.block_m), batch)
-    _causal_prefill_kernel[grid](
-        *descs, cu_seqlens_q, out,
-        scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-        out.stride(0), out.stride(1),
-        GROUP=num_q_heads // k.shape[1],
-        HEAD_DIM=head_dim,
-        BLOCK_M=tiling.block_m,
-        BLOCK_N=tiling.block_n,
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=tiling.num_warps,
-        num_stages=tiling.num_stages,
-    )
+    try:
+        _causal_prefill_kernel[grid](
+            *descs, cu_seqlens_q, out,
+            scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+            out.stride(0), out.stride(1),
+            GROUP=num_q_heads // k.shape[1],
+            HEAD_DIM=head_dim,
+            BLOCK_M=tiling.block_m,
+            BLOCK_N=tiling.block_n,
+            DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=tiling.num_warps,
+            num_stages=tiling.num_stages,
+        )
+    except Exception as exc:
+        if variant in _causal_variants_that_ran:
+            raise  # it compiled and ran before: this is not the toolchain, let it surface
+        # Descriptors and their lowering are the newest part of Triton: a version or card where this
+        # variant does not compile keeps the pointer kernel instead of failing every cold prefill.
+        _causal_variants_that_failed.add(variant)
+        warnings.warn(f"causal descriptor prefill unavailable here ({type(exc).__name__}: {exc}); "
+                      "using the pointer kernel", RuntimeWarning, stacklevel=2)  # fmt: skip
+        return False
+    _causal_variants_that_ran.add(variant)
     return True
+
+
+_causal_variants_that_ran: set[tuple[object, ...]] = set()
+_causal_variants_that_failed: set[tuple[object, ...]] = set()

@@ -589,3 +589,38 @@ def test_reference_prefix_prefill_in_query_tiles_equals_one_pass(monkeypatch: py
     monkeypatch.setattr(reference, "_SCORE_BUDGET", hq * 40 * 50)  # tiles of 16 query rows
     tiled = reference.prefix_prefill(q, k, v, k_cache, v_cache, table, cu, cached, 0.25)
     torch.testing.assert_close(tiled, whole, atol=1e-12, rtol=0)
+
+
+def test_causal_descriptor_variant_that_does_not_compile_falls_back_once_and_for_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Triton version or card on which the descriptor kernel fails to build keeps the pointer kernel
+    (False: nothing launched), warns once, and does not try that variant again; a variant that ran
+    before re-raises (a real error, not the toolchain)."""
+    from kernels import triton_prefill
+
+    calls: list[int] = []
+
+    class Failing:
+        def __getitem__(self, grid):  # type: ignore[no-untyped-def]
+            def launch(*args, **kwargs):  # type: ignore[no-untyped-def]
+                calls.append(1)
+                raise RuntimeError("PassManager::run failed")
+
+            return launch
+
+    monkeypatch.setattr(triton_prefill, "_causal_prefill_kernel", Failing())
+    monkeypatch.setattr(triton_prefill, "_causal_variants_that_failed", set())
+    monkeypatch.setattr(triton_prefill, "_causal_variants_that_ran", set())
+    q, k = torch.randn(40, 8, 64), torch.randn(40, 2, 64)
+    cu, out = torch.tensor([0, 40], dtype=torch.int32), torch.full((40, 8, 64), float("nan"))
+    tiling = triton_prefill.causal_tiling_for(torch.device("cpu"), 64)
+    with pytest.warns(RuntimeWarning, match="pointer kernel"):
+        assert triton_prefill.launch_causal_prefill(q, k, k, cu, 0.125, out, 40, tiling) is False
+    assert triton_prefill.launch_causal_prefill(q, k, k, cu, 0.125, out, 40, tiling) is False
+    assert len(calls) == 1 and torch.isnan(out).all()
+    variant = (q.device, q.dtype, 64, 4, tiling)
+    triton_prefill._causal_variants_that_failed.clear()
+    triton_prefill._causal_variants_that_ran.add(variant)
+    with pytest.raises(RuntimeError, match="PassManager"):
+        triton_prefill.launch_causal_prefill(q, k, k, cu, 0.125, out, 40, tiling)
