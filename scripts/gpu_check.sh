@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's check-and-bench in one go (fits one 10-minute device call on an H100/H200):
+# One GPU session's check-and-bench in one go (its parts took ~8 minutes together on an H200, 2026-11-27):
 # the C extension with optimisation, tests/gpu, the TTFT table (with transformers), the kernel tables,
 # and the mixed workload against a server. Everything lands in OUT_DIR (default $OUT or /tmp/gpu-check).
 #   scripts/gpu_check.sh [OUT_DIR]
