@@ -1,7 +1,7 @@
 """Prefix prefill attention in Triton: packed new tokens attend to their cached blocks, then causally
 to themselves.
 
-Two launch shapes, chosen by `plan_prefix_prefill` from host-known sizes only (CUDA-graph safe):
+Three launch shapes, chosen by `plan_prefix_prefill` from host-known sizes only (CUDA-graph safe):
 
 - Tiled (long cold prefills, many new tokens): one program owns (tile of BLOCK_M new tokens of one
   sequence, query head). It walks the sequence's cached tokens through the block table (no causal
@@ -15,6 +15,9 @@ Two launch shapes, chosen by `plan_prefix_prefill` from host-known sizes only (C
   from the sequence's real cached length (the host only fixes the count); the last split also does
   the causal part over the new tokens. Each split writes its normalized output and log2-sum-exp in
   float32 and a second kernel merges them; with one split the program writes the output directly.
+- Causal (the caller says nothing is cached, `max_cached_len` 0, and the tiled shape would run):
+  the tiled work without the block table, q/k/v read through tensor-memory descriptors over the
+  packed rows (Hopper and later, from CAUSAL_MIN_TOKENS new tokens; the interpreter emulates them).
 
 Callers validate arguments first (`kernels.triton_ops`); the launchers trust what they get.
 """
