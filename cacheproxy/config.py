@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     kv_cache_bytes: int | None = Field(default=None, description="Cap on the engine's KV pool.")
     num_kv_blocks: int | None = Field(default=None, description="Exact pool size (overrides bytes).")
     cuda_graphs: bool = True
+    layerwise_loads: bool = Field(
+        default=True,
+        description="On CUDA, a prefix found in the CPU tier loads layer by layer while the forward pass "
+        "runs (each layer's attention waits for its own blocks); off: the step waits for every block.",
+    )
 
     # --- cache ---------------------------------------------------------------------------
     cache_scope: Literal["tenant", "global"] = "tenant"

@@ -61,6 +61,13 @@ def copy_blocks(src, dst, src_ids, dst_ids):  # type: ignore[no-untyped-def]
     return impl.copy_blocks(src, dst, src_ids, dst_ids)
 
 
+def wait_layer(flags, target, layer):  # type: ignore[no-untyped-def]
+    """Holds the stream until `flags[layer] == target[0]`: layer `layer`'s K/V, copied on another
+    stream that writes the flag after them, have landed (`LayerGate`)."""
+    impl = _triton if _use_triton(flags) else reference
+    return impl.wait_layer(flags, target, layer)
+
+
 def rms_norm(x, weight, eps, residual=None, *, out=None):  # type: ignore[no-untyped-def]
     """RMSNorm of x's last dim -> normed; with `residual`: `residual += x` in place, the sum is
     normalised, and (normed, residual) comes back (the add + norm between sublayers)."""

@@ -90,3 +90,22 @@ def launch_copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tens
     _copy_blocks_kernel[grid](
         src, dst, src_ids, dst_ids, src.stride(0), dst.stride(0), block_numel, CHUNK=COPY_CHUNK, num_warps=4
     )
+
+
+# Polls before a wait gives up: ~0.5 µs each (an L2 round trip), so minutes, far beyond any load.
+# A wait that never ends would hang the stream; one that gives up after this long means a load was
+# never queued, a bug the wrong logits then show.
+WAIT_MAX_POLLS = 1 << 28
+
+
+@triton.jit(do_not_specialize=["layer"])
+def _wait_layer_kernel(flags_ptr, target_ptr, layer, MAX_POLLS: tl.constexpr):
+    # Volatile: every poll reads memory, where the copy engine writes the flag after the layer's copies.
+    target = tl.load(target_ptr, volatile=True)
+    polls = 0
+    while (tl.load(flags_ptr + layer, volatile=True) != target) & (polls < MAX_POLLS):
+        polls += 1
+
+
+def launch_wait_layer(flags: torch.Tensor, target: torch.Tensor, layer: int) -> None:
+    _wait_layer_kernel[(1,)](flags, target, layer, MAX_POLLS=WAIT_MAX_POLLS, num_warps=1)

@@ -25,7 +25,7 @@ from kernels.triton_decode import (
     multiprocessor_count,
     plan_decode_splits,
 )
-from kernels.triton_kv_movement import launch_copy_blocks, launch_write_kv
+from kernels.triton_kv_movement import launch_copy_blocks, launch_wait_layer, launch_write_kv
 from kernels.triton_prefill import (
     launch_causal_prefill,
     launch_grouped_prefix_prefill,
@@ -34,7 +34,7 @@ from kernels.triton_prefill import (
     prefill_tiling_for,
 )
 
-__all__ = ["copy_blocks", "paged_decode", "prefix_prefill", "write_kv"]
+__all__ = ["copy_blocks", "paged_decode", "prefix_prefill", "wait_layer", "write_kv"]
 
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -299,3 +299,13 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst
     src_ids = src_ids.to(src.device, non_blocking=True)
     dst_ids = dst_ids.to(src.device, non_blocking=True)
     launch_copy_blocks(src, dst, src_ids, dst_ids)
+
+
+def wait_layer(flags: torch.Tensor, target: torch.Tensor, layer: int) -> None:
+    """Holds the current stream until flags[layer] == target[0] (both int32 on the device)."""
+    op = "wait_layer"
+    _check_dtype(op, "flags", flags, (torch.int32,))
+    _check_dtype(op, "target", target, (torch.int32,))
+    if not 0 <= layer < flags.numel():
+        _fail(op, f"layer {layer} is outside the {flags.numel()} flags")
+    launch_wait_layer(flags, target, layer)

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -24,6 +24,9 @@ from cacheproxy.cache.fastpath import count_leading_in, int32_bytes, resident_pr
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.config import Settings
 from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
+
+if TYPE_CHECKING:
+    from cacheproxy.engine.layer_gate import LayerGate
 
 GPU = "gpu"
 
@@ -86,6 +89,8 @@ class TieredStore:
         # Plans what to load and what to recompute; None: load every block found.
         self.cost_model = cost_model
         self._pending_loads: list[PendingLoad] = []
+        # Set by the engine on CUDA: admission loads from pinned memory then go layer by layer.
+        self.layer_gate: LayerGate | None = None
         # Splitting a prefix between recompute and loads pays only where the device computes while
         # the host loads; on a CPU the forward pass holds the engine thread.
         self.split_loads = pool.kv.is_cuda
@@ -202,7 +207,7 @@ class TieredStore:
                 entry, tier_name = found
                 block = fresh.pop()
                 self._copy_in(block, entry, tier_name)
-                if len(self._pending_copies) >= 64:
+                if len(self._pending_copies) >= 64 and self.layer_gate is None:
                     self._issue_copies()  # the DMA starts while the rest of the chain is checked
                 pool.register(block, BlockIdentity(h, parent, toks, i))
                 by_tier[tier_name] += bs
@@ -214,10 +219,7 @@ class TieredStore:
             pool.last_use[leaf] = now
         for block in fresh + resident:
             self.pool.release(block)
-        self._issue_copies()
-        if self._loads_pending and self.load_stream is not None:
-            # The compute stream waits for the copies; the host does not.
-            torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
+        self._issue_admission_copies()
         self.counters.hits_tokens.update(by_tier)
         return PrefixMatch(blocks, len(blocks) * bs, dict(by_tier))
 
@@ -333,6 +335,28 @@ class TieredStore:
             self._pending_copies.append((block, entry.tensor))
         self.counters.transfers[(tier_name, GPU)] += self.pool.block_bytes
 
+    def _issue_admission_copies(self) -> None:
+        """Starts a match's loads. From pinned memory with a layer gate: layer by layer, so that the
+        step's attention waits for each layer alone (`LayerGate`). Otherwise whole blocks, and the
+        compute stream waits for all of them. The host waits for neither."""
+        gate, copies = self.layer_gate, self._pending_copies
+        if not copies or self.load_stream is None:
+            self._issue_copies()
+            return
+        if gate is not None:
+            runs = copy_runs(copies)
+            pinned: dict[int, bool] = {}  # per storage: a CPU-tier slab is one
+            if all(
+                src.is_contiguous() and pinned.setdefault(src.untyped_storage().data_ptr(), src.is_pinned())
+                for _, _, src in runs
+            ):
+                gate.load(self.pool.kv, runs, self.load_stream)
+                copies.clear()
+                self._loads_pending = True
+                return
+        self._issue_copies()
+        torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
+
     def _issue_copies(self) -> None:
         """Starts the queued loads on the side stream in one go. From pinned CPU-tier slots they
         are asynchronous DMAs; the slots stay untouched until the stream is drained (_write_down)."""
@@ -409,6 +433,9 @@ class TieredStore:
     def flush(self) -> int:
         """Graceful shutdown: every block held in the pool or the CPU tier goes to the persistent
         tiers (disk, remote), so the next start serves them. Returns how many were written."""
+        if self._loads_pending and self.load_stream is not None:
+            self.load_stream.synchronize()  # blocks read below may still be loading
+            self._loads_pending = False
         durable = [t for t in self.tiers if hasattr(t, "put_async")]
         volatile = [t for t in self.tiers if not hasattr(t, "put_async")]
         n = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.step_context import StepContext, set_context
 
@@ -27,9 +28,17 @@ PREFILL_BUCKETS = [16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048]
 
 class StepGraphs:
     def __init__(
-        self, model: CausalLM, max_batch: int, max_blocks_per_seq: int, hidden_size: int, max_prefill: int
+        self,
+        model: CausalLM,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        hidden_size: int,
+        max_prefill: int,
+        layer_gate: LayerGate | None = None,
     ) -> None:
         self.model = model
+        # Prefill graphs hold a layer-gate wait before each attention (a no-op while nothing loads).
+        self.layer_gate = layer_gate
         dev = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.buckets = bucket_sizes(max_batch)
@@ -69,6 +78,7 @@ class StepGraphs:
             block_tables=self.block_tables[:1],
             cu_seqlens_q=self.cu_seqlens,
             cached_lens=self.cached_lens,
+            layer_gate=self.layer_gate,
         )
         set_context(ctx)
         try:

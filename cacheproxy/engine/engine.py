@@ -21,6 +21,7 @@ from cacheproxy.cache.tiered_store import TieredStore, build_lower_tiers
 from cacheproxy.config import Settings
 from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
 from cacheproxy.engine.detokenizer import IncrementalDetokenizer
+from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.model_config import ModelConfig
 from cacheproxy.engine.model_files import model_fingerprint, resolve_model
@@ -106,8 +107,10 @@ class LLMEngine:
         if lower_tiers is None:
             lower_tiers = build_lower_tiers(settings, namespace.digest, tuple(kv.shape[1:]), self.dtype)
         self.store = TieredStore(self.pool, lower_tiers, settings.cache_policy)
+        gate = LayerGate.for_device(cfg.num_hidden_layers, device) if settings.layerwise_loads else None
+        self.store.layer_gate = gate
         self.scheduler = Scheduler(self.pool, self.store, settings.max_num_seqs, settings.max_num_batched_tokens)
-        self.runner = ModelRunner(model, kv)
+        self.runner = ModelRunner(model, kv, gate)
         if device.type == "cuda" and settings.cuda_graphs:
             self.runner.capture_graphs(settings.max_num_seqs, self.max_model_len, settings.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}

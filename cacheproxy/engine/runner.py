@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cacheproxy.engine.cuda_graphs import StepGraphs
+from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.sampler import sample
 from cacheproxy.engine.scheduler import ScheduledStep
@@ -29,8 +30,9 @@ class LaunchedStep:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: torch.Tensor) -> None:
+    def __init__(self, model: CausalLM, kv: torch.Tensor, layer_gate: LayerGate | None = None) -> None:
         self.model = model
+        self.layer_gate = layer_gate
         self.kv = kv
         self.device = kv.device
         self.block_size = kv.shape[3]
@@ -39,7 +41,9 @@ class ModelRunner:
 
     def capture_graphs(self, max_batch: int, max_model_len: int, max_prefill_tokens: int) -> None:
         max_blocks = -(-max_model_len // self.block_size)
-        self.graphs = StepGraphs(self.model, max_batch, max_blocks, self.model.config.hidden_size, max_prefill_tokens)
+        self.graphs = StepGraphs(
+            self.model, max_batch, max_blocks, self.model.config.hidden_size, max_prefill_tokens, self.layer_gate
+        )
 
     def _prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
         bs = self.block_size
@@ -75,6 +79,10 @@ class ModelRunner:
             ctx.cached_lens = starts.to(dev, non_blocking=True)
             ctx.max_query_len = max(c.length for c in step.chunks)
             ctx.max_cached_len = max(c.start for c in step.chunks)
+            gate = self.layer_gate
+            if gate is not None and gate.armed:  # loads queued at admission: attention waits per layer
+                ctx.layer_gate = gate
+                gate.armed = False  # this step's waits cover them (the streams keep the order)
         else:
             ctx.context_lens = (starts + 1).to(dev, non_blocking=True)
         return input_ids, pos_t, ctx, sample_idx

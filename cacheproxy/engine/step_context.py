@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from cacheproxy.engine.layer_gate import LayerGate
 
 
 @dataclass(slots=True)
@@ -23,6 +27,8 @@ class StepContext:
     # which is replayed for other lengths): most new tokens, most cached tokens of any sequence.
     max_query_len: int | None = None
     max_cached_len: int | None = None
+    # Set while a prefix's K/V still load layer by layer: each layer's attention waits for its own.
+    layer_gate: LayerGate | None = None
     # decode only
     context_lens: torch.Tensor | None = None  # [B] int32: including the token of this step
 

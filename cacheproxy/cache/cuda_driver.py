@@ -1,0 +1,106 @@
+"""The two CUDA driver calls torch does not expose: an asynchronous strided (2D) copy, and a plain
+asynchronous copy, both between any two unified addresses (pinned host memory or device memory).
+
+A pool block holds every layer of its tokens (`[L, 2, block_size, H, D]`), so one layer of many blocks
+is a strided region: `Tensor.copy_` would stage it through pageable temporaries, where
+`cuMemcpy2DAsync` moves it as one DMA. The driver library comes with every CUDA install; the calls
+go through ctypes because the runtime library's name changes with each CUDA release.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+_MEMORYTYPE_UNIFIED = 4
+
+
+class _Memcpy2D(ctypes.Structure):
+    _fields_ = [
+        ("srcXInBytes", ctypes.c_size_t),
+        ("srcY", ctypes.c_size_t),
+        ("srcMemoryType", ctypes.c_int),
+        ("srcHost", ctypes.c_void_p),
+        ("srcDevice", ctypes.c_uint64),
+        ("srcArray", ctypes.c_void_p),
+        ("srcPitch", ctypes.c_size_t),
+        ("dstXInBytes", ctypes.c_size_t),
+        ("dstY", ctypes.c_size_t),
+        ("dstMemoryType", ctypes.c_int),
+        ("dstHost", ctypes.c_void_p),
+        ("dstDevice", ctypes.c_uint64),
+        ("dstArray", ctypes.c_void_p),
+        ("dstPitch", ctypes.c_size_t),
+        ("WidthInBytes", ctypes.c_size_t),
+        ("Height", ctypes.c_size_t),
+    ]
+
+
+class CudaDriverError(RuntimeError):
+    pass
+
+
+class CudaDriver:
+    """Bound once per process (`CudaDriver.get()`); None where there is no CUDA driver."""
+
+    _instance: CudaDriver | None = None
+    _tried = False
+    _lock = threading.Lock()
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self._copy_2d = lib.cuMemcpy2DAsync_v2
+        self._copy_2d.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
+        self._copy = lib.cuMemcpyAsync
+        self._copy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self._ctx_get = lib.cuCtxGetCurrent
+        self._ctx_get.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        self._bound = threading.local()
+
+    @classmethod
+    def get(cls) -> CudaDriver | None:
+        with cls._lock:
+            if not cls._tried:
+                cls._tried = True
+                if torch.cuda.is_available():
+                    try:
+                        cls._instance = cls(ctypes.CDLL("libcuda.so.1"))
+                    except (OSError, AttributeError):
+                        cls._instance = None
+            return cls._instance
+
+    def bind(self, device: torch.device) -> None:
+        """The driver calls act on the calling thread's current context: make it torch's for
+        `device` (the engine thread may not have made a runtime call yet)."""
+        if getattr(self._bound, "device", None) == device:
+            return
+        ctx = ctypes.c_void_p()
+        self._check(self._ctx_get(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        if not ctx.value:
+            torch.cuda.set_device(device)  # initialises the runtime, whose primary context becomes current
+            torch.cuda.current_stream(device).synchronize()
+            self._check(self._ctx_get(ctypes.byref(ctx)), "cuCtxGetCurrent")
+            if not ctx.value:
+                raise CudaDriverError("no CUDA context is current on this thread")
+        self._bound.device = device
+
+    def copy_2d(
+        self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int, stream: int
+    ) -> None:
+        """`height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` bytes apart."""
+        p = _Memcpy2D(
+            srcMemoryType=_MEMORYTYPE_UNIFIED, srcDevice=src, srcPitch=src_pitch,
+            dstMemoryType=_MEMORYTYPE_UNIFIED, dstDevice=dst, dstPitch=dst_pitch,
+            WidthInBytes=width, Height=height,
+        )  # fmt: skip
+        self._check(self._copy_2d(ctypes.byref(p), stream), "cuMemcpy2DAsync")
+
+    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._check(self._copy(dst, src, nbytes, stream), "cuMemcpyAsync")
+
+    @staticmethod
+    def _check(status: int, call: str) -> None:
+        if status != 0:
+            raise CudaDriverError(f"{call} failed with CUresult {status}")

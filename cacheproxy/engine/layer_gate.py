@@ -1,0 +1,95 @@
+"""Layer-by-layer loads: the forward pass starts while a prefix's K/V still come from the CPU tier,
+and each layer's attention waits, on the device, for that layer's blocks only.
+
+The copies run layer-major on the store's copy stream: layer 0 of every block, then a 4-byte write
+of the load's epoch into `flags[0]`, then layer 1, and so on; the compute stream's `target` gets the
+same epoch. Before attention, layer l's `wait` spins in a one-warp kernel until `flags[l] == target`.
+A step's other work (projections, norms, the MLP, earlier layers) runs meanwhile, so the loads hide
+behind the compute instead of preceding it. The wait is a kernel, not an event, so the prefill CUDA
+graphs can hold it: when nothing is loading, `flags` already equal `target` and it returns at once.
+
+Epochs are values of a pinned array that never changes (`_values[e] == e`): a copy reads its value
+whenever the DMA runs, so a later epoch can never overwrite an earlier one's source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+import kernels
+from cacheproxy.cache.cuda_driver import CudaDriver
+
+_RING = 1 << 16  # epochs cycle through 1.._RING-1; the wait compares for equality
+
+
+class LayerGate:
+    def __init__(self, num_layers: int, device: torch.device, driver: CudaDriver) -> None:
+        self.device = device
+        self.driver = driver
+        self.flags = torch.zeros(num_layers, dtype=torch.int32, device=device)
+        self.target = torch.zeros(1, dtype=torch.int32, device=device)
+        self._values = torch.arange(_RING, dtype=torch.int32).pin_memory()
+        self._epoch = 0
+        # Loads were queued since the last prefill step launched: eager steps wait only then (the
+        # prefill graphs always hold the waits).
+        self.armed = False
+
+    @classmethod
+    def for_device(cls, num_layers: int, device: torch.device) -> LayerGate | None:
+        driver = CudaDriver.get() if device.type == "cuda" else None
+        return cls(num_layers, device, driver) if driver is not None else None
+
+    def load(
+        self, kv: torch.Tensor, runs: list[tuple[int, int, torch.Tensor]], stream: torch.cuda.Stream
+    ) -> None:
+        """Queues `runs` (pool block, count, pinned source of `count` blocks) on `stream`, one layer of
+        every run at a time, each layer followed by its flag; the compute stream's target follows."""
+        self.driver.bind(self.device)
+        self._epoch = self._epoch % (_RING - 1) + 1
+        value = self._values.data_ptr() + 4 * self._epoch
+        copy_stream = stream.cuda_stream
+        flags = self.flags.data_ptr()
+        for layer, copies in enumerate(layer_copies(kv, runs)):
+            for dst, dst_pitch, src, src_pitch, width, height in copies:
+                self.driver.copy_2d(dst, dst_pitch, src, src_pitch, width, height, copy_stream)
+            self.driver.copy(flags + 4 * layer, value, 4, copy_stream)
+        compute = torch.cuda.current_stream(self.device).cuda_stream
+        self.driver.copy(self.target.data_ptr(), value, 4, compute)
+        self.armed = True
+
+    def wait(self, layer: int) -> None:
+        kernels.wait_layer(self.flags, self.target, layer)
+
+
+def layer_copies(
+    kv: torch.Tensor, runs: list[tuple[int, int, torch.Tensor]]
+) -> Iterator[list[tuple[int, int, int, int, int, int]]]:
+    """Per layer of the pool `kv` [num_blocks, L, ...]: the 2D copies (dst, dst pitch, src, src pitch,
+    row bytes, rows) that move that layer of every run, a row per block. Sources are contiguous
+    spans of whole blocks shaped like the pool's."""
+    num_layers = kv.shape[1]
+    block_bytes = kv.stride(0) * kv.element_size()
+    layer_bytes = kv.stride(1) * kv.element_size()
+    if not kv[0].is_contiguous() or layer_bytes * num_layers != kv[0].numel() * kv.element_size():
+        raise ValueError("each pool block must be one contiguous span, layer after layer")
+    base = kv.data_ptr()
+    spans = []
+    for first, count, source in runs:
+        if (
+            not source.is_contiguous() or source.dtype != kv.dtype
+            or source.shape[1:] != kv.shape[1:] or source.shape[0] != count
+        ):  # fmt: skip
+            raise ValueError(
+                f"a source must be {count} contiguous {kv.dtype} blocks of shape {tuple(kv.shape[1:])}"
+            )
+        spans.append(
+            (base + first * block_bytes, source.data_ptr(), source[0].numel() * source.element_size(), count)
+        )
+    for layer in range(num_layers):
+        offset = layer * layer_bytes
+        yield [
+            (dst + offset, block_bytes, src + offset, pitch, layer_bytes, count)
+            for dst, src, pitch, count in spans
+        ]
