@@ -1,10 +1,13 @@
-"""The two CUDA driver calls torch does not expose: an asynchronous strided (2D) copy, and a plain
-asynchronous copy, both between any two unified addresses (pinned host memory or device memory).
+"""The two CUDA driver calls torch does not expose: asynchronous copies from pinned host memory to the
+device, strided (2D) and plain.
 
 A pool block holds every layer of its tokens (`[L, 2, block_size, H, D]`), so one layer of many blocks
 is a strided region: `Tensor.copy_` would stage it through pageable temporaries, where
 `cuMemcpy2DAsync` moves it as one DMA. The driver library comes with every CUDA install; the calls
 go through ctypes because the runtime library's name changes with each CUDA release.
+
+The source is declared host memory: declared "unified", a 2D copy from pinned memory ran synchronously
+(the host waited for the stream; measured on an H200 with a sleeping kernel ahead of the copy).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import threading
 
 import torch
 
-_MEMORYTYPE_UNIFIED = 4
+_MEMORYTYPE_HOST = 1
+_MEMORYTYPE_DEVICE = 2
 
 
 class _Memcpy2D(ctypes.Structure):
@@ -53,8 +57,8 @@ class CudaDriver:
         self._lib = lib
         self._copy_2d = lib.cuMemcpy2DAsync_v2
         self._copy_2d.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
-        self._copy = lib.cuMemcpyAsync
-        self._copy.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        self._copy = lib.cuMemcpyHtoDAsync_v2
+        self._copy.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         self._ctx_get = lib.cuCtxGetCurrent
         self._ctx_get.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
         self._bound = threading.local()
@@ -86,19 +90,21 @@ class CudaDriver:
                 raise CudaDriverError("no CUDA context is current on this thread")
         self._bound.device = device
 
-    def copy_2d(
+    def copy_2d_to_device(
         self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int, stream: int
     ) -> None:
-        """`height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` bytes apart."""
+        """`height` rows of `width` bytes from pinned host memory at `src` to the device at `dst`, rows
+        `src_pitch` / `dst_pitch` bytes apart."""
         p = _Memcpy2D(
-            srcMemoryType=_MEMORYTYPE_UNIFIED, srcDevice=src, srcPitch=src_pitch,
-            dstMemoryType=_MEMORYTYPE_UNIFIED, dstDevice=dst, dstPitch=dst_pitch,
+            srcMemoryType=_MEMORYTYPE_HOST, srcHost=src, srcPitch=src_pitch,
+            dstMemoryType=_MEMORYTYPE_DEVICE, dstDevice=dst, dstPitch=dst_pitch,
             WidthInBytes=width, Height=height,
         )  # fmt: skip
         self._check(self._copy_2d(ctypes.byref(p), stream), "cuMemcpy2DAsync")
 
-    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
-        self._check(self._copy(dst, src, nbytes, stream), "cuMemcpyAsync")
+    def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """`nbytes` from pinned host memory at `src` to the device at `dst`."""
+        self._check(self._copy(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
 
     @staticmethod
     def _check(status: int, call: str) -> None:

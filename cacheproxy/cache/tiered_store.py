@@ -100,6 +100,7 @@ class TieredStore:
         self.load_stream = torch.cuda.Stream(pool.kv.device) if pool.kv.is_cuda else None
         self._loads_pending = False
         self._pending_copies: list[tuple[int, torch.Tensor]] = []
+        self._issued = 0  # batches of whole-block copies queued so far
         self._shared_tiers = [t for t in self.tiers if t.name == "remote"]
         pool.on_evict = self._demote
 
@@ -188,6 +189,10 @@ class TieredStore:
         else:
             resident = []  # nothing will be allocated: nothing to protect
         fresh = [pool.allocate() for _ in range(min(to_load, pool.num_free))]
+        # Popped from the end: the chain gets them in ascending order, so that blocks loaded from
+        # neighbouring CPU-tier slots land in neighbouring pool blocks and move in one copy.
+        fresh.sort(reverse=True)
+        issued_before = self._issued
         parent = hashes[lead - 1] if lead else root
         now = time.time()
         for i, h in enumerate(rest, start=lead):
@@ -219,7 +224,7 @@ class TieredStore:
             pool.last_use[leaf] = now
         for block in fresh + resident:
             self.pool.release(block)
-        self._issue_admission_copies()
+        self._issue_admission_copies(issued_early=self._issued != issued_before)
         self.counters.hits_tokens.update(by_tier)
         return PrefixMatch(blocks, len(blocks) * bs, dict(by_tier))
 
@@ -335,15 +340,20 @@ class TieredStore:
             self._pending_copies.append((block, entry.tensor))
         self.counters.transfers[(tier_name, GPU)] += self.pool.block_bytes
 
-    def _issue_admission_copies(self) -> None:
+    def _issue_admission_copies(self, issued_early: bool) -> None:
         """Starts a match's loads. From pinned memory with a layer gate: layer by layer, so that the
         step's attention waits for each layer alone (`LayerGate`). Otherwise whole blocks, and the
-        compute stream waits for all of them. The host waits for neither."""
+        compute stream waits for all of them. The host waits for neither. `issued_early`: some of the
+        match's copies were issued already (whole blocks, during the walk)."""
         gate, copies = self.layer_gate, self._pending_copies
-        if not copies or self.load_stream is None:
+        if self.load_stream is None:
             self._issue_copies()
             return
-        if gate is not None:
+        if not copies:
+            if issued_early:
+                torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
+            return
+        if gate is not None and not issued_early:
             runs = copy_runs(copies)
             pinned: dict[int, bool] = {}  # per storage: a CPU-tier slab is one
             if all(
@@ -368,6 +378,7 @@ class TieredStore:
                 kv[first : first + count].copy_(source, non_blocking=True)
         self._pending_copies.clear()
         self._loads_pending = True
+        self._issued += 1
 
     # --- filling and movement ------------------------------------------------------------
     def register(self, block: int, ident: BlockIdentity) -> int:

@@ -53,10 +53,10 @@ class LayerGate:
         flags = self.flags.data_ptr()
         for layer, copies in enumerate(layer_copies(kv, runs)):
             for dst, dst_pitch, src, src_pitch, width, height in copies:
-                self.driver.copy_2d(dst, dst_pitch, src, src_pitch, width, height, copy_stream)
-            self.driver.copy(flags + 4 * layer, value, 4, copy_stream)
+                self.driver.copy_2d_to_device(dst, dst_pitch, src, src_pitch, width, height, copy_stream)
+            self.driver.copy_to_device(flags + 4 * layer, value, 4, copy_stream)
         compute = torch.cuda.current_stream(self.device).cuda_stream
-        self.driver.copy(self.target.data_ptr(), value, 4, compute)
+        self.driver.copy_to_device(self.target.data_ptr(), value, 4, compute)
         self.armed = True
 
     def wait(self, layer: int) -> None:
