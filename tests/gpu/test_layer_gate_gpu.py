@@ -109,7 +109,8 @@ def test_cpu_tier_hit_with_its_copies_held_back(tmp_path: Path, layerwise: bool,
     )  # fmt: skip
     assert (engine.store.layer_gate is not None) == layerwise
     rng = random.Random(7)
-    prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in (500, 330)[:batch]]
+    # 1030 tokens: 64 cached blocks, which whole-block loads issue during the walk (a batch of 64)
+    prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in (1030, 330)[:batch]]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     def run(tag: str) -> tuple[dict[str, list[int]], list[dict[str, int]]]:
