@@ -208,13 +208,17 @@ def bench_tiers(engine: LLMEngine, lengths: list[int]) -> list[dict[str, object]
         quiesce(engine)
         gc_report()
         # not ttft_phases: its sync between schedule and run would wait for the loads it should overlap
+        copies = engine.store.counters.load_copies
         row["cpu_forced"], row["cpu_forced_tiers"] = ttft(engine, f"cpuf-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        row["cpu_forced_copies"] = engine.store.counters.load_copies - copies  # DMAs queued (runs x layers)
         row["cpu_forced_gc"] = gc_report()
         # Baseline in the same run: whole-block loads, the step waiting for all of them.
         gate, engine.store.layer_gate = engine.store.layer_gate, None
         engine.store.evict_gpu()
         quiesce(engine)
-        row["cpu_blockwise"], _ = ttft(engine, f"cpub-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        copies = engine.store.counters.load_copies
+        row["cpu_blockwise"], row["cpu_blockwise_tiers"] = ttft(engine, f"cpub-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        row["cpu_blockwise_copies"] = engine.store.counters.load_copies - copies
         engine.store.layer_gate = gate
         engine.store.cost_model = saved
         drop_to_disk_only(engine)

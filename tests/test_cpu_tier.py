@@ -117,6 +117,27 @@ def test_remove_frees_the_slot() -> None:
     assert tier.stats.evictions == 0 and tier.contains(b.hash)
 
 
+def test_a_chain_put_after_removals_fills_neighbouring_slots_in_order() -> None:
+    """Freed slots go back lowest first: a chain put after others were removed (in any order) sits in
+    ascending, neighbouring slots, so loading it back is a few large copies, not one per block."""
+    from cacheproxy.cache.tiered_store import copy_runs
+
+    tier = _tier(12)
+    old = _entries(10)
+    for e in old:
+        tier.put(e)
+    for e in [*old[5:], *reversed(old[:5])]:  # removed out of order
+        tier.remove(e.hash)
+    chain = _entries(8, first_token=1000)
+    for e in chain:
+        tier.put(e)
+    views = [tier.get_view(e.hash) for e in chain]
+    assert all(v is not None for v in views)
+    runs = copy_runs([(i, v.tensor) for i, v in enumerate(views) if v is not None])
+    assert [(first, count) for first, count, _ in runs] == [(0, 8)]
+    assert torch.equal(runs[0][2], torch.stack([e.tensor for e in chain]))
+
+
 def test_evicted_blocks_are_demoted_to_the_disk_tier(tmp_path: Path) -> None:
     disk = DiskTier(tmp_path / "kv.lmdb", NAMESPACE.digest, map_size=8 << 20)
     tier = _tier(2, on_evict=disk.put_async)

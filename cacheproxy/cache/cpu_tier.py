@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from collections import OrderedDict
@@ -59,6 +60,8 @@ class CpuTier:
         self._on_evict = on_evict
         self._lock = threading.Lock()
         self._slab: torch.Tensor | None = None
+        # A min-heap: the lowest free slot goes first, so a chain put in order fills neighbouring
+        # slots even after removals, and loads it back in a few large copies (`copy_runs`).
         self._free: list[int] = []
         self._lru: OrderedDict[bytes, _Resident] = OrderedDict()  # oldest first
         self._stats = TierStats()
@@ -134,7 +137,7 @@ class CpuTier:
                 self._slab = torch.empty(
                     (self.capacity_blocks, *self.block_shape), dtype=self.dtype, pin_memory=self.pin_memory
                 )
-                self._free = list(range(self.capacity_blocks - 1, -1, -1))
+                self._free = list(range(self.capacity_blocks))  # sorted: a heap already
             if not self._free:
                 old_hash, old = self._lru.popitem(last=False)
                 self._stats.evictions += 1
@@ -142,12 +145,12 @@ class CpuTier:
                     evicted = BlockEntry(
                         old_hash, old.parent_hash, old.token_ids, self._slab[old.slot].clone()
                     )
-                self._free.append(old.slot)
-            slot = self._free.pop()
+                heapq.heappush(self._free, old.slot)
+            slot = heapq.heappop(self._free)
             try:
                 self._slab[slot].copy_(entry.tensor)
             except BaseException:
-                self._free.append(slot)
+                heapq.heappush(self._free, slot)
                 raise
             self._lru[entry.hash] = _Resident(slot, entry.parent_hash, entry.token_ids)
             self._stats.puts += 1
@@ -160,7 +163,7 @@ class CpuTier:
             resident = self._lru.pop(block_hash, None)
             if resident is None:
                 return False
-            self._free.append(resident.slot)
+            heapq.heappush(self._free, resident.slot)
             return True
 
     # --- helpers -------------------------------------------------------------------------

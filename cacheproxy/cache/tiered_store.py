@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from cacheproxy.engine.layer_gate import LayerGate
 
 GPU = "gpu"
+# Most copies one match queues layer by layer (runs x layers); more go whole-block.
+LAYERED_MAX_COPIES = 512
 
 
 @dataclass(eq=False)
@@ -72,6 +74,7 @@ class StoreCounters:
     plans: Counter[str] = field(default_factory=Counter)
     # Of split plans: lower-tier blocks recomputed and blocks loaded, once each load has landed
     split_blocks: Counter[str] = field(default_factory=Counter)
+    load_copies: int = 0  # copies queued for loads into the pool (a run of neighbouring blocks is one)
 
 
 class TieredStore:
@@ -353,14 +356,17 @@ class TieredStore:
             if issued_early:
                 torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
             return
-        if gate is not None and not issued_early:
-            runs = copy_runs(copies)
+        runs = copy_runs(copies) if gate is not None and not issued_early else []
+        # Layer by layer, each run is one copy per layer: past a few hundred queued copies the driver
+        # blocks the host until the copy stream drains, and the forward pass would start after them.
+        if runs and len(runs) * self.pool.kv.shape[1] <= LAYERED_MAX_COPIES:
             pinned: dict[int, bool] = {}  # per storage: a CPU-tier slab is one
             if all(
                 src.is_contiguous() and pinned.setdefault(src.untyped_storage().data_ptr(), src.is_pinned())
                 for _, _, src in runs
             ):
                 gate.load(self.pool.kv, runs, self.load_stream)
+                self.counters.load_copies += len(runs) * self.pool.kv.shape[1]
                 copies.clear()
                 self._loads_pending = True
                 return
@@ -373,9 +379,11 @@ class TieredStore:
         if not self._pending_copies:
             return
         kv = self.pool.kv
+        runs = copy_runs(self._pending_copies)
         with torch.cuda.stream(self.load_stream):
-            for first, count, source in copy_runs(self._pending_copies):
+            for first, count, source in runs:
                 kv[first : first + count].copy_(source, non_blocking=True)
+        self.counters.load_copies += len(runs)
         self._pending_copies.clear()
         self._loads_pending = True
         self._issued += 1

@@ -54,15 +54,18 @@ def test_layered_load_puts_every_layer_of_every_block_in_place() -> None:
 def test_wait_holds_the_stream_until_its_layer_has_landed() -> None:
     gate, pool, _, copies = _setup(2)
     blocks = torch.tensor([b for b, _ in copies], device="cuda")
-    stream = torch.cuda.Stream()
+    gate.wait(0)  # compiled before the copies are held back
+    stream, compute = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
     with torch.cuda.stream(stream):
         torch.cuda._sleep(HOLD_CYCLES)
-    gate.load(pool, copy_runs(copies), stream)
-    early = pool[blocks, 0].clone()  # no wait: the copies are still held back
-    seen = []
-    for layer in range(BLOCK[0]):
-        gate.wait(layer)
-        seen.append(pool[blocks, layer].clone())
+    with torch.cuda.stream(compute):  # a stream of its own: the legacy default stream syncs implicitly
+        gate.load(pool, copy_runs(copies), stream)
+        early = pool[blocks, 0].clone()  # no wait: the copies are still held back
+        seen = []
+        for layer in range(BLOCK[0]):
+            gate.wait(layer)
+            seen.append(pool[blocks, layer].clone())
     torch.cuda.synchronize()
     assert early.isnan().all()
     for layer in range(BLOCK[0]):
@@ -83,13 +86,15 @@ def test_wait_captured_in_a_graph_holds_each_replay() -> None:
     graph.replay()  # nothing loading: returns at once with what the pool holds
     torch.cuda.synchronize()
     assert out.isnan().all()
-    stream = torch.cuda.Stream()
+    stream, compute = torch.cuda.Stream(), torch.cuda.Stream()
     for round_ in range(2):  # a second epoch on the same flags
         pool.fill_(float("nan"))
+        torch.cuda.synchronize()
         with torch.cuda.stream(stream):
             torch.cuda._sleep(HOLD_CYCLES)
-        gate.load(pool, copy_runs(copies), stream)
-        graph.replay()
+        with torch.cuda.stream(compute):
+            gate.load(pool, copy_runs(copies), stream)
+            graph.replay()
         torch.cuda.synchronize()
         expected = torch.stack([source[BLOCK[0] - 1] for _, source in copies])
         assert torch.equal(out.cpu(), expected), round_
