@@ -357,8 +357,9 @@ class TieredStore:
                 torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
             return
         runs = copy_runs(copies) if gate is not None and not issued_early else []
-        # Layer by layer, each run is one copy per layer: past a few hundred queued copies the driver
-        # blocks the host until the copy stream drains, and the forward pass would start after them.
+        # Layer by layer, each run is one copy per layer. With too many queued (1,056 did, 65 did not,
+        # on an H200) the driver blocks the host until the copy stream drains, and the forward pass
+        # would start after the loads instead of beside them.
         if runs and len(runs) * self.pool.kv.shape[1] <= LAYERED_MAX_COPIES:
             pinned: dict[int, bool] = {}  # per storage: a CPU-tier slab is one
             if all(
