@@ -420,6 +420,8 @@ class TieredStore:
         if not self.tiers:
             return
         self._issue_copies()  # queued loads read CPU-tier slots that this write may reuse
+        if self.layer_gate is not None:
+            self.layer_gate.start()  # and so do planned ones
         if self._loads_pending and self.load_stream is not None:
             self.load_stream.synchronize()  # a put may reuse a slot a pending load reads from
             self._loads_pending = False
@@ -453,6 +455,8 @@ class TieredStore:
     def flush(self) -> int:
         """Graceful shutdown: every block held in the pool or the CPU tier goes to the persistent
         tiers (disk, remote), so the next start serves them. Returns how many were written."""
+        if self.layer_gate is not None:
+            self.layer_gate.start()
         if self._loads_pending and self.load_stream is not None:
             self.load_stream.synchronize()  # blocks read below may still be loading
             self._loads_pending = False

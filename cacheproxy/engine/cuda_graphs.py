@@ -111,6 +111,11 @@ class StepGraphs:
             and max_blocks <= self.max_blocks
         )  # fmt: skip
 
+    def _start_loads(self) -> None:
+        """Planned prefix loads go out after this step's input copies, which would queue behind them."""
+        if self.layer_gate is not None:
+            self.layer_gate.start()
+
     @torch.inference_mode()
     def run_prefill(
         self,
@@ -130,6 +135,7 @@ class StepGraphs:
         self.block_tables[:1, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         self.cu_seqlens[1].fill_(t)
         self.cached_lens.copy_(cached_lens, non_blocking=True)
+        self._start_loads()
         self.prefill_graphs[bucket].replay()
         return self.hidden[:t]
 
@@ -151,5 +157,6 @@ class StepGraphs:
         self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         self.context_lens[:b].copy_(context_lens, non_blocking=True)
         self.context_lens[b:bucket].fill_(1)
+        self._start_loads()
         self.graphs[bucket].replay()
         return self.hidden[:b]

@@ -3,7 +3,13 @@ and each layer's attention waits, on the device, for that layer's blocks only.
 
 The copies run layer-major on the store's copy stream: layer 0 of every block, then a 4-byte write
 of the load's epoch into `flags[0]`, then layer 1, and so on; the compute stream's `target` gets the
-same epoch. Before attention, layer l's `wait` spins in a one-warp kernel until `flags[l] == target`.
+same epoch (a fill kernel). Before attention, layer l's `wait` spins in a one-warp kernel until
+`flags[l] == target`.
+
+The store plans the copies at admission (`load`); the runner starts them (`start`) once the step's
+inputs are on their way. Copies queue on the copy engines in the order they are issued, whatever
+their stream: issued first, a prefix's gigabytes would hold back the step's own small uploads, and
+with them the whole forward pass.
 A step's other work (projections, norms, the MLP, earlier layers) runs meanwhile, so the loads hide
 behind the compute instead of preceding it. The wait is a kernel, not an event, so the prefill CUDA
 graphs can hold it: when nothing is loading, `flags` already equal `target` and it returns at once.
@@ -32,7 +38,8 @@ class LayerGate:
         self.target = torch.zeros(1, dtype=torch.int32, device=device)
         self._values = torch.arange(_RING, dtype=torch.int32).pin_memory()
         self._epoch = 0
-        # Loads were queued since the last prefill step launched: eager steps wait only then (the
+        self._planned: list[tuple[list[list[tuple[int, int, int, int, int, int]]], torch.cuda.Stream]] = []
+        # Loads were planned since the last prefill step launched: eager steps wait only then (the
         # prefill graphs always hold the waits).
         self.armed = False
 
@@ -44,20 +51,35 @@ class LayerGate:
     def load(
         self, kv: torch.Tensor, runs: list[tuple[int, int, torch.Tensor]], stream: torch.cuda.Stream
     ) -> None:
-        """Queues `runs` (pool block, count, pinned source of `count` blocks) on `stream`, one layer of
-        every run at a time, each layer followed by its flag; the compute stream's target follows."""
+        """Plans `runs` (pool block, count, pinned source of `count` blocks) for `stream`; `start`
+        issues them. The sources must stay as they are until the copies have run."""
+        self._planned.append((list(layer_copies(kv, runs)), stream))
+        self.armed = True
+
+    @property
+    def has_planned(self) -> bool:
+        return bool(self._planned)
+
+    def start(self) -> None:
+        """Issues every planned load, one layer of all of them at a time, each layer followed by its
+        flag; then sets the current (compute) stream's target. The host waits for none of it."""
+        if not self._planned:
+            return
         self.driver.bind(self.device)
         self._epoch = self._epoch % (_RING - 1) + 1
         value = self._values.data_ptr() + 4 * self._epoch
-        copy_stream = stream.cuda_stream
         flags = self.flags.data_ptr()
-        for layer, copies in enumerate(layer_copies(kv, runs)):
-            for dst, dst_pitch, src, src_pitch, width, height in copies:
-                self.driver.copy_2d_to_device(dst, dst_pitch, src, src_pitch, width, height, copy_stream)
-            self.driver.copy_to_device(flags + 4 * layer, value, 4, copy_stream)
-        compute = torch.cuda.current_stream(self.device).cuda_stream
-        self.driver.copy_to_device(self.target.data_ptr(), value, 4, compute)
-        self.armed = True
+        planned, self._planned = self._planned, []
+        streams = {stream.cuda_stream: stream for _, stream in planned}
+        for layer in range(self.flags.numel()):
+            for per_layer, stream in planned:
+                for dst, dst_pitch, src, src_pitch, width, height in per_layer[layer]:
+                    self.driver.copy_2d_to_device(
+                        dst, dst_pitch, src, src_pitch, width, height, stream.cuda_stream
+                    )
+            for handle in streams:  # after this layer's copies on every stream that has some
+                self.driver.copy_to_device(flags + 4 * layer, value, 4, handle)
+        self.target.fill_(self._epoch)
 
     def wait(self, layer: int) -> None:
         kernels.wait_layer(self.flags, self.target, layer)

@@ -99,6 +99,8 @@ class ModelRunner:
             assert ctx.cached_lens is not None
             hidden = graphs.run_prefill(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.cached_lens)
             return hidden, sample_idx
+        if self.layer_gate is not None:
+            self.layer_gate.start()  # after the step's input copies, which would queue behind the loads
         set_context(ctx)
         try:
             return self.model(input_ids, positions), sample_idx

@@ -43,6 +43,9 @@ def test_layered_load_puts_every_layer_of_every_block_in_place() -> None:
     gate, pool, _, copies = _setup(1)
     stream = torch.cuda.Stream()
     gate.load(pool, copy_runs(copies), stream)
+    assert gate.has_planned
+    gate.start()
+    assert not gate.has_planned
     torch.cuda.synchronize()
     copied = {block for block, _ in copies}
     for block, source in copies:
@@ -61,6 +64,7 @@ def test_wait_holds_the_stream_until_its_layer_has_landed() -> None:
         torch.cuda._sleep(HOLD_CYCLES)
     with torch.cuda.stream(compute):  # a stream of its own: the legacy default stream syncs implicitly
         gate.load(pool, copy_runs(copies), stream)
+        gate.start()
         early = pool[blocks, 0].clone()  # no wait: the copies are still held back
         seen = []
         for layer in range(BLOCK[0]):
@@ -94,6 +98,7 @@ def test_wait_captured_in_a_graph_holds_each_replay() -> None:
             torch.cuda._sleep(HOLD_CYCLES)
         with torch.cuda.stream(compute):
             gate.load(pool, copy_runs(copies), stream)
+            gate.start()
             graph.replay()
         torch.cuda.synchronize()
         expected = torch.stack([source[BLOCK[0] - 1] for _, source in copies])
