@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 GPU = "gpu"
 # Most copies one match queues layer by layer (runs x layers); more go whole-block.
 LAYERED_MAX_COPIES = 512
+# What a match keeps for its layer-by-layer tail: enough to hide a forward pass behind (~10 ms of PCIe).
+LAYERED_TAIL_BYTES = 512 << 20
 
 
 @dataclass(eq=False)
@@ -196,6 +198,9 @@ class TieredStore:
         # neighbouring CPU-tier slots land in neighbouring pool blocks and move in one copy.
         fresh.sort(reverse=True)
         issued_before = self._issued
+        # With a layer gate the last blocks of the chain wait for the end of the walk and then load
+        # layer by layer beside the forward pass; the ones before go whole-block as the walk finds them.
+        tail = 0 if self.layer_gate is None else max(64, LAYERED_TAIL_BYTES // pool.block_bytes)
         parent = hashes[lead - 1] if lead else root
         now = time.time()
         for i, h in enumerate(rest, start=lead):
@@ -215,8 +220,8 @@ class TieredStore:
                 entry, tier_name = found
                 block = fresh.pop()
                 self._copy_in(block, entry, tier_name)
-                if len(self._pending_copies) >= 64 and self.layer_gate is None:
-                    self._issue_copies()  # the DMA starts while the rest of the chain is checked
+                if len(self._pending_copies) >= 64 + tail:
+                    self._issue_copies(64)  # the DMA starts while the rest of the chain is checked
                 pool.register(block, BlockIdentity(h, parent, toks, i))
                 by_tier[tier_name] += bs
             blocks.append(block)
@@ -356,7 +361,9 @@ class TieredStore:
             if issued_early:
                 torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
             return
-        runs = copy_runs(copies) if gate is not None and not issued_early else []
+        # Copies issued during the walk sit before these on the same stream: each layer's flag, written
+        # after the layer's copies, also follows every one of them.
+        runs = copy_runs(copies) if gate is not None else []
         # Layer by layer, each run is one copy per layer. With too many queued (1,056 did, 65 did not,
         # on an H200) the driver blocks the host until the copy stream drains, and the forward pass
         # would start after the loads instead of beside them.
@@ -374,18 +381,20 @@ class TieredStore:
         self._issue_copies()
         torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
 
-    def _issue_copies(self) -> None:
-        """Starts the queued loads on the side stream in one go. From pinned CPU-tier slots they
-        are asynchronous DMAs; the slots stay untouched until the stream is drained (_write_down)."""
+    def _issue_copies(self, limit: int | None = None) -> None:
+        """Starts the queued loads (the first `limit`) on the side stream in one go. From pinned CPU-tier
+        slots they are asynchronous DMAs; the slots stay untouched until the stream is drained
+        (_write_down)."""
         if not self._pending_copies:
             return
         kv = self.pool.kv
-        runs = copy_runs(self._pending_copies)
+        issued = self._pending_copies[:limit]
+        del self._pending_copies[:limit]
+        runs = copy_runs(issued)
         with torch.cuda.stream(self.load_stream):
             for first, count, source in runs:
                 kv[first : first + count].copy_(source, non_blocking=True)
         self.counters.load_copies += len(runs)
-        self._pending_copies.clear()
         self._loads_pending = True
         self._issued += 1
 

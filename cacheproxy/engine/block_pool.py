@@ -44,6 +44,7 @@ class BlockPool:
         self.kv = kv
         self.num_blocks = kv.shape[0]
         self.block_size = kv.shape[3]
+        self.block_bytes = kv[0].numel() * kv.element_size()
         self.ref_counts = [0] * self.num_blocks
         self.identity: list[BlockIdentity | None] = [None] * self.num_blocks
         self.by_hash: dict[bytes, int] = {}
@@ -53,10 +54,6 @@ class BlockPool:
         self.evictions = 0
         self.hits = [0] * self.num_blocks
         self.last_use = [0.0] * self.num_blocks
-
-    @property
-    def block_bytes(self) -> int:
-        return self.kv[0].numel() * self.kv.element_size()
 
     @property
     def num_free(self) -> int:

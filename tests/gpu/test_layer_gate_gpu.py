@@ -111,7 +111,13 @@ SHAPE = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
 
 @pytest.mark.parametrize("layerwise", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])  # 1: the prefill runs from a graph; 2: one eager step of two
-def test_cpu_tier_hit_with_its_copies_held_back(tmp_path: Path, layerwise: bool, batch: int) -> None:
+def test_cpu_tier_hit_with_its_copies_held_back(
+    tmp_path: Path, layerwise: bool, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cacheproxy.cache import tiered_store
+
+    # a 64-block tail: longer prefixes send their first blocks whole during the walk, the rest layer by layer
+    monkeypatch.setattr(tiered_store, "LAYERED_TAIL_BYTES", 0)
     model = make_tiny_model(tmp_path / "peaked", "llama", seed=11, init_std=0.15, **SHAPE)
     engine = LLMEngine.from_settings(
         Settings(model=str(model), data_dir=tmp_path, device="cuda", dtype="bfloat16", num_kv_blocks=512,
@@ -119,8 +125,9 @@ def test_cpu_tier_hit_with_its_copies_held_back(tmp_path: Path, layerwise: bool,
     )  # fmt: skip
     assert (engine.store.layer_gate is not None) == layerwise
     rng = random.Random(7)
-    # 1030 tokens: 64 cached blocks, which whole-block loads issue during the walk (a batch of 64)
-    prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in (1030, 330)[:batch]]
+    # 1030 tokens: 64 cached blocks, which whole-block loads issue during the walk (a batch of 64);
+    # 2100: 131 blocks, some issued during the walk either way
+    prompts = [[rng.randrange(5, 2000) for _ in range(n)] for n in ((1030,) if batch == 1 else (2100, 1030))]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     def run(tag: str) -> tuple[dict[str, list[int]], list[dict[str, int]]]:
