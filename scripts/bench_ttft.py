@@ -200,7 +200,9 @@ def bench_tiers(engine: LLMEngine, lengths: list[int]) -> list[dict[str, object]
         engine.store.evict_gpu()
         quiesce(engine)
         gc_report()
+        copies = engine.store.counters.load_copies
         row["cpu"], row["cpu_tiers"] = ttft(engine, f"cpu-{n}", prefix + rand_ids(g, NEW_TOKENS))
+        row["cpu_copies"] = engine.store.counters.load_copies - copies
         row["cpu_gc"] = gc_report()
         saved = engine.store.cost_model
         engine.store.cost_model = None  # load every block, whatever the plan would say

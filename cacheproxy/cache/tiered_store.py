@@ -367,17 +367,16 @@ class TieredStore:
         # Layer by layer, each run is one copy per layer. With too many queued (1,056 did, 65 did not,
         # on an H200) the driver blocks the host until the copy stream drains, and the forward pass
         # would start after the loads instead of beside them.
-        if runs and len(runs) * self.pool.kv.shape[1] <= LAYERED_MAX_COPIES:
-            pinned: dict[int, bool] = {}  # per storage: a CPU-tier slab is one
-            if all(
-                src.is_contiguous() and pinned.setdefault(src.untyped_storage().data_ptr(), src.is_pinned())
-                for _, _, src in runs
-            ):
-                gate.load(self.pool.kv, runs, self.load_stream)
-                self.counters.load_copies += len(runs) * self.pool.kv.shape[1]
-                copies.clear()
-                self._loads_pending = True
-                return
+        sources = [src for _, _, src in runs]
+        if (
+            gate is not None and runs and len(runs) * self.pool.kv.shape[1] <= LAYERED_MAX_COPIES
+            and all(src.is_contiguous() for src in sources) and _all_pinned(sources)
+        ):  # fmt: skip
+            gate.load(self.pool.kv, runs, self.load_stream)
+            self.counters.load_copies += len(runs) * self.pool.kv.shape[1]
+            copies.clear()
+            self._loads_pending = True
+            return
         self._issue_copies()
         torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
 
@@ -662,6 +661,18 @@ def copy_runs(copies: list[tuple[int, torch.Tensor]]) -> list[tuple[int, int, to
             runs.append((first, 1, source.unsqueeze(0)))
         i += count
     return runs
+
+
+def _all_pinned(sources: list[torch.Tensor]) -> bool:
+    """Whether every source is in page-locked memory, asked once per storage (a CPU-tier slab is one)."""
+    pinned: dict[int, bool] = {}
+    for src in sources:
+        key = src.untyped_storage().data_ptr()
+        if key not in pinned:
+            pinned[key] = src.is_pinned()
+        if not pinned[key]:
+            return False
+    return True
 
 
 def _put_reliably(tier: KVTier, entry: BlockEntry) -> bool:
