@@ -2,6 +2,8 @@
 # The CLI's mixed workload against `cacheproxy serve` on a GPU: a Llama-3-8B-shaped model with random
 # weights (load_format=dummy: nothing to download), default tiers (pool, pinned CPU, LMDB disk).
 #   scripts/bench_gpu_server.sh [OUT_DIR] [extra `cacheproxy bench` args]
+# SERVE_ARGS adds `cacheproxy serve` flags, e.g. SERVE_ARGS="--kv-cache-bytes 2147483648" for a pool small
+# enough that prefixes come back from the CPU tier.
 # Writes OUT_DIR/bench.json (summary + every request), bench.png, stats.json, server.log.
 set -euo pipefail
 out=${1:-/tmp/cacheproxy-gpu-bench}
@@ -13,7 +15,7 @@ python3 scripts/make_tiny_model.py "$work/llama3-8b-shape" --layers 32 --hidden 
   --head-dim 128 --intermediate 14336 --vocab 128256 --max-positions 40960 --rope-theta 500000 \
   --dtype bfloat16 --no-weights >/dev/null
 python3 -m cacheproxy.cli serve --model "$work/llama3-8b-shape" --load-format dummy --device cuda \
-  --data-dir "$work/data" --port "$port" >"$out/server.log" 2>&1 &
+  --data-dir "$work/data" --port "$port" ${SERVE_ARGS:-} >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill -INT $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
