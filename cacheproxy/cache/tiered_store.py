@@ -348,6 +348,14 @@ class TieredStore:
             self._pending_copies.append((block, entry.tensor))
         self.counters.transfers[(tier_name, GPU)] += self.pool.block_bytes
 
+    def settle_loads(self) -> None:
+        """Starts planned loads and orders all later compute-stream work after every queued load: for
+        blocks no step will wait for (a match given back because its sequence could not be admitted)."""
+        if self.layer_gate is not None:
+            self.layer_gate.start()
+        if self._loads_pending and self.load_stream is not None:
+            torch.cuda.current_stream(self.pool.kv.device).wait_stream(self.load_stream)
+
     def _issue_admission_copies(self, issued_early: bool) -> None:
         """Starts a match's loads. From pinned memory with a layer gate: layer by layer, so that the
         step's attention waits for each layer alone (`LayerGate`). Otherwise whole blocks, and the

@@ -119,6 +119,9 @@ class Scheduler:
         n = min(len(tokens) - match.num_tokens, budget)
         need = -(-(match.num_tokens + n) // bs) - len(match.blocks)
         if need > self.pool.num_free:
+            # Loads into these blocks may still be planned (layer by layer) and no step of this
+            # sequence will wait for them: settle them before the blocks can go to someone else.
+            self.store.settle_loads()
             self.pool.release_many(match.blocks)
             return False
         seq.block_table = list(match.blocks)
