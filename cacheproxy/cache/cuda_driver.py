@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 import torch
 
@@ -110,3 +111,35 @@ class CudaDriver:
     def _check(status: int, call: str) -> None:
         if status != 0:
             raise CudaDriverError(f"{call} failed with CUresult {status}")
+
+
+# A sleeping kernel of this many cycles (~10 ms at 2 GHz) on a candidate stream, while an event on the
+# compute stream should complete at once.
+_PROBE_CYCLES = 20_000_000
+_PROBE_BLOCKED_S = 2e-3
+
+
+def independent_stream(device: torch.device, tries: int = 16) -> tuple[torch.cuda.Stream, bool]:
+    """A side stream whose work does not hold back the current stream's, and whether one was found.
+
+    Streams share the device's hardware work queues (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default); two
+    streams on one queue run in submission order whatever their dependencies, so copies queued on a
+    side stream would hold back the compute stream that was meant to run beside them. Each candidate
+    gets a sleeping kernel; if an event recorded on the current stream then waits for it, the next
+    stream of torch's pool is tried."""
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    for _ in range(tries):
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(_PROBE_CYCLES)
+        done = torch.cuda.Event()
+        done.record(current)
+        t0 = time.perf_counter()
+        done.synchronize()
+        blocked = time.perf_counter() - t0 > _PROBE_BLOCKED_S
+        torch.cuda.synchronize(device)
+        if not blocked:
+            return stream, True
+        stream = torch.cuda.Stream(device)
+    return stream, False

@@ -19,14 +19,18 @@ import torch
 from cacheproxy.cache.block_entry import BlockEntry
 from cacheproxy.cache.cost_model import CostModel
 from cacheproxy.cache.cpu_tier import CpuTier
+from cacheproxy.cache.cuda_driver import independent_stream
 from cacheproxy.cache.disk_tier import DiskTier
 from cacheproxy.cache.fastpath import count_leading_in, int32_bytes, resident_prefix
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.config import Settings
 from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
+from cacheproxy.log import get_logger
 
 if TYPE_CHECKING:
     from cacheproxy.engine.layer_gate import LayerGate
+
+log = get_logger(__name__)
 
 GPU = "gpu"
 # Most copies one match queues layer by layer (runs x layers); more go whole-block.
@@ -102,7 +106,11 @@ class TieredStore:
         self.counters = StoreCounters()
         self.pins: dict[bytes, float] = {}  # leaf hash -> pinned until (unix time)
         self._pinned_blocks: dict[bytes, list[int]] = {}
-        self.load_stream = torch.cuda.Stream(pool.kv.device) if pool.kv.is_cuda else None
+        self.load_stream: torch.cuda.Stream | None = None
+        if pool.kv.is_cuda:
+            self.load_stream, independent = independent_stream(pool.kv.device)
+            if not independent:
+                log.warning("copy stream shares a hardware queue with the compute stream; loads will not overlap")
         self._loads_pending = False
         self._pending_copies: list[tuple[int, torch.Tensor]] = []
         self._issued = 0  # batches of whole-block copies queued so far

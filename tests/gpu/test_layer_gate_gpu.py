@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cacheproxy.cache.cuda_driver import independent_stream
 from cacheproxy.cache.tiered_store import copy_runs
 from cacheproxy.config import Settings
 from cacheproxy.engine.engine import LLMEngine
@@ -58,11 +59,15 @@ def test_wait_holds_the_stream_until_its_layer_has_landed() -> None:
     gate, pool, _, copies = _setup(2)
     blocks = torch.tensor([b for b, _ in copies], device="cuda")
     gate.wait(0)  # compiled before the copies are held back
-    stream, compute = torch.cuda.Stream(), torch.cuda.Stream()
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        # one that does not share the compute stream's hardware queue: held back, it holds back only itself
+        stream, independent = independent_stream(torch.device("cuda"))
+    assert independent
     torch.cuda.synchronize()
     with torch.cuda.stream(stream):
         torch.cuda._sleep(HOLD_CYCLES)
-    with torch.cuda.stream(compute):  # a stream of its own: the legacy default stream syncs implicitly
+    with torch.cuda.stream(compute):
         gate.load(pool, copy_runs(copies), stream)
         gate.start()
         early = pool[blocks, 0].clone()  # no wait: the copies are still held back
@@ -90,7 +95,10 @@ def test_wait_captured_in_a_graph_holds_each_replay() -> None:
     graph.replay()  # nothing loading: returns at once with what the pool holds
     torch.cuda.synchronize()
     assert out.isnan().all()
-    stream, compute = torch.cuda.Stream(), torch.cuda.Stream()
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        stream, independent = independent_stream(torch.device("cuda"))
+    assert independent
     for round_ in range(2):  # a second epoch on the same flags
         pool.fill_(float("nan"))
         torch.cuda.synchronize()
@@ -184,8 +192,14 @@ def test_a_match_given_back_settles_its_loads_before_its_blocks_are_reused(
             toks += [t for o in engine.step() for t in o.token_ids]
         return toks
 
-    ref_b = alone("b-ref", b_prompt, params_b)  # its blocks reach the CPU tier at once (write_through)
+    alone("b-cold", b_prompt, params_b)  # the blocks reach the CPU tier at once (write_through)
+    alone("a-cold", a_prompt, params_a)
+    # References on the path the test takes (prefix from the tiers, the rest computed): a cold prefill
+    # computes the prompt's last tokens with other kernels, and greedy tokens may part at a near-tie.
+    engine.store.evict_gpu()
     ref_a = alone("a-ref", a_prompt, params_a)
+    engine.store.evict_gpu()
+    ref_b = alone("b-ref", b_prompt, params_b)
     engine.store.evict_gpu()
     free = torch.tensor(list(engine.pool.free), device="cuda")
     engine.pool.kv[free] = float("nan")
