@@ -120,7 +120,9 @@ class Scheduler:
         need = -(-(match.num_tokens + n) // bs) - len(match.blocks)
         if need > self.pool.num_free:
             # Loads into these blocks may still be planned (layer by layer) and no step of this
-            # sequence will wait for them: settle them before the blocks can go to someone else.
+            # sequence will wait for them: settle them before the blocks can go to someone else. (Today
+            # a registration or a demotion drains the copy stream before any of them is reused; this
+            # does not rely on that.)
             self.store.settle_loads()
             self.pool.release_many(match.blocks)
             return False

@@ -59,6 +59,8 @@ def test_wait_holds_the_stream_until_its_layer_has_landed() -> None:
     gate, pool, _, copies = _setup(2)
     blocks = torch.tensor([b for b, _ in copies], device="cuda")
     gate.wait(0)  # compiled before the copies are held back
+    # Kernels load lazily, and a first load can wait for the device: the reads below run once first.
+    pool[blocks, 0].clone()
     compute = torch.cuda.Stream()
     with torch.cuda.stream(compute):
         # one that does not share the compute stream's hardware queue: held back, it holds back only itself
@@ -164,61 +166,4 @@ def test_cpu_tier_hit_with_its_copies_held_back(
     assert cpu == gpu
     if layerwise:
         assert engine.store.layer_gate is not None and engine.store.layer_gate._epoch > 0
-    engine.shutdown()
-
-
-def test_a_match_given_back_settles_its_loads_before_its_blocks_are_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A request whose prefix loads from the CPU tier, then cannot be admitted (the pool is short): its
-    blocks go back with their copies held back on the copy stream. A running request takes them for its
-    next tokens (write_through: no demotion, so no drain on the way); its tokens stay the reference's."""
-    model = make_tiny_model(tmp_path / "peaked", "llama", seed=11, init_std=0.15, **SHAPE)
-    engine = LLMEngine.from_settings(
-        Settings(model=str(model), data_dir=tmp_path, device="cuda", dtype="bfloat16", num_kv_blocks=80,
-                 cpu_cache_bytes=64 << 20, disk_cache_enabled=False, cost_model=False,
-                 cache_policy="write_through", max_num_batched_tokens=1024)
-    )  # fmt: skip
-    rng = random.Random(9)
-    a_prompt = [rng.randrange(5, 2000) for _ in range(700)]
-    b_prompt = [rng.randrange(5, 2000) for _ in range(600)]
-    params_a = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-    params_b = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-
-    def alone(rid: str, prompt: list[int], params: SamplingParams) -> list[int]:
-        engine.add_request(GenerationRequest(rid, prompt, params))
-        toks: list[int] = []
-        while engine.has_work():
-            toks += [t for o in engine.step() for t in o.token_ids]
-        return toks
-
-    alone("b-cold", b_prompt, params_b)  # the blocks reach the CPU tier at once (write_through)
-    alone("a-cold", a_prompt, params_a)
-    # References on the path the test takes (prefix from the tiers, the rest computed): a cold prefill
-    # computes the prompt's last tokens with other kernels, and greedy tokens may part at a near-tie.
-    engine.store.evict_gpu()
-    ref_a = alone("a-ref", a_prompt, params_a)
-    engine.store.evict_gpu()
-    ref_b = alone("b-ref", b_prompt, params_b)
-    engine.store.evict_gpu()
-    free = torch.tensor(list(engine.pool.free), device="cuda")
-    engine.pool.kv[free] = float("nan")
-    engine.add_request(GenerationRequest("a", a_prompt, params_a))
-    got: dict[str, list[int]] = {"a": [], "b": []}
-    for o in engine.step():  # a's prefill (from the CPU tier: a's own blocks were demoted too)
-        got[o.request_id] += o.token_ids
-    assert engine.store.load_stream is not None
-    with torch.cuda.stream(engine.store.load_stream):
-        torch.cuda._sleep(HOLD_CYCLES)
-    engine.add_request(GenerationRequest("b", b_prompt, params_b))
-    loaded_before = engine.store.counters.hits_tokens["cpu"]
-    for o in engine.step():
-        got[o.request_id] += o.token_ids
-    # b's prefix was matched (its loads queued), then b was refused for want of blocks
-    assert engine.num_waiting == 1 and engine.store.counters.hits_tokens["cpu"] > loaded_before
-    while engine.has_work():
-        for o in engine.step():
-            got[o.request_id] += o.token_ids
-    assert got["a"] == ref_a
-    assert got["b"] == ref_b
     engine.shutdown()
