@@ -40,6 +40,16 @@ def _setup(seed: int) -> tuple[LayerGate, torch.Tensor, torch.Tensor, list[tuple
     return gate, pool, slab, copies
 
 
+def _compute_and_copy_streams() -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """A compute stream, and a copy stream that does not share its hardware queue: held back, the copy
+    stream holds back only itself."""
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        stream, independent = independent_stream(torch.device("cuda"))
+    assert independent
+    return compute, stream
+
+
 def test_layered_load_puts_every_layer_of_every_block_in_place() -> None:
     gate, pool, _, copies = _setup(1)
     stream = torch.cuda.Stream()
@@ -61,11 +71,7 @@ def test_wait_holds_the_stream_until_its_layer_has_landed() -> None:
     gate.wait(0)  # compiled before the copies are held back
     # Kernels load lazily, and a first load can wait for the device: the reads below run once first.
     pool[blocks, 0].clone()
-    compute = torch.cuda.Stream()
-    with torch.cuda.stream(compute):
-        # one that does not share the compute stream's hardware queue: held back, it holds back only itself
-        stream, independent = independent_stream(torch.device("cuda"))
-    assert independent
+    compute, stream = _compute_and_copy_streams()
     torch.cuda.synchronize()
     with torch.cuda.stream(stream):
         torch.cuda._sleep(HOLD_CYCLES)
@@ -97,10 +103,7 @@ def test_wait_captured_in_a_graph_holds_each_replay() -> None:
     graph.replay()  # nothing loading: returns at once with what the pool holds
     torch.cuda.synchronize()
     assert out.isnan().all()
-    compute = torch.cuda.Stream()
-    with torch.cuda.stream(compute):
-        stream, independent = independent_stream(torch.device("cuda"))
-    assert independent
+    compute, stream = _compute_and_copy_streams()
     for round_ in range(2):  # a second epoch on the same flags
         pool.fill_(float("nan"))
         torch.cuda.synchronize()
