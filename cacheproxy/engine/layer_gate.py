@@ -4,15 +4,15 @@ and each layer's attention waits, on the device, for that layer's blocks only.
 The copies run layer-major on the store's copy stream: layer 0 of every block, then a 4-byte write
 of the load's epoch into `flags[0]`, then layer 1, and so on; the compute stream's `target` gets the
 same epoch (a fill kernel). Before attention, layer l's `wait` spins in a one-warp kernel until
-`flags[l] == target`.
+`flags[l] == target`. A step's other work (projections, norms, the MLP, earlier layers) runs
+meanwhile, so the loads hide behind the compute instead of preceding it. The wait is a kernel, not an
+event, so the prefill CUDA graphs can hold it: when nothing is loading, `flags` already equal
+`target` and it returns at once.
 
 The store plans the copies at admission (`load`); the runner starts them (`start`) once the step's
 inputs are on their way. Copies queue on the copy engines in the order they are issued, whatever
 their stream: issued first, a prefix's gigabytes would hold back the step's own small uploads, and
 with them the whole forward pass.
-A step's other work (projections, norms, the MLP, earlier layers) runs meanwhile, so the loads hide
-behind the compute instead of preceding it. The wait is a kernel, not an event, so the prefill CUDA
-graphs can hold it: when nothing is loading, `flags` already equal `target` and it returns at once.
 
 Epochs are values of a pinned array that never changes (`_values[e] == e`): a copy reads its value
 whenever the DMA runs, so a later epoch can never overwrite an earlier one's source.
@@ -52,7 +52,10 @@ class LayerGate:
         self, kv: torch.Tensor, runs: list[tuple[int, int, torch.Tensor]], stream: torch.cuda.Stream
     ) -> None:
         """Plans `runs` (pool block, count, pinned source of `count` blocks) for `stream`; `start`
-        issues them. The sources must stay as they are until the copies have run."""
+        issues them. The sources must stay as they are until the copies have run. One stream for all
+        the loads of a step: a layer's flag follows that layer's copies only on the stream it is on."""
+        if self._planned and self._planned[0][1] is not stream:
+            raise ValueError("the loads of one step go on one copy stream")
         self._planned.append((list(layer_copies(kv, runs)), stream))
         self.armed = True
 
@@ -70,15 +73,12 @@ class LayerGate:
         value = self._values.data_ptr() + 4 * self._epoch
         flags = self.flags.data_ptr()
         planned, self._planned = self._planned, []
-        streams = {stream.cuda_stream: stream for _, stream in planned}
+        stream = planned[0][1].cuda_stream
         for layer in range(self.flags.numel()):
-            for per_layer, stream in planned:
+            for per_layer, _ in planned:
                 for dst, dst_pitch, src, src_pitch, width, height in per_layer[layer]:
-                    self.driver.copy_2d_to_device(
-                        dst, dst_pitch, src, src_pitch, width, height, stream.cuda_stream
-                    )
-            for handle in streams:  # after this layer's copies on every stream that has some
-                self.driver.copy_to_device(flags + 4 * layer, value, 4, handle)
+                    self.driver.copy_2d_to_device(dst, dst_pitch, src, src_pitch, width, height, stream)
+            self.driver.copy_to_device(flags + 4 * layer, value, 4, stream)
         self.target.fill_(self._epoch)
 
     def wait(self, layer: int) -> None:
