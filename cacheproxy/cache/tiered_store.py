@@ -35,8 +35,11 @@ log = get_logger(__name__)
 GPU = "gpu"
 # Most copies one match queues layer by layer (runs x layers); more go whole-block.
 LAYERED_MAX_COPIES = 512
-# What a match keeps for its layer-by-layer tail: enough to hide a forward pass behind (~10 ms of PCIe).
+# What a match keeps for its layer-by-layer tail: enough copying to hide a forward pass behind (~10 ms of
+# PCIe), in at most so many blocks: the tail's copies start only after the walk has checked all of them
+# (~10-25 µs a block), which for a small model's small blocks takes longer than copying them.
 LAYERED_TAIL_BYTES = 512 << 20
+LAYERED_TAIL_BLOCKS = 256
 
 
 @dataclass(eq=False)
@@ -208,7 +211,9 @@ class TieredStore:
         issued_before = self._issued
         # With a layer gate the last blocks of the chain wait for the end of the walk and then load
         # layer by layer beside the forward pass; the ones before go whole-block as the walk finds them.
-        tail = 0 if self.layer_gate is None else max(64, LAYERED_TAIL_BYTES // pool.block_bytes)
+        tail = 0
+        if self.layer_gate is not None:
+            tail = max(64, min(LAYERED_TAIL_BYTES // pool.block_bytes, LAYERED_TAIL_BLOCKS))
         parent = hashes[lead - 1] if lead else root
         now = time.time()
         for i, h in enumerate(rest, start=lead):
