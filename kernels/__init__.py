@@ -63,9 +63,19 @@ def copy_blocks(src, dst, src_ids, dst_ids):  # type: ignore[no-untyped-def]
 
 def wait_layer(flags, target, layer):  # type: ignore[no-untyped-def]
     """Holds the stream until `flags[layer] == target[0]`: layer `layer`'s K/V, copied on another
-    stream that writes the flag after them, have landed (`LayerGate`)."""
-    impl = _triton if _use_triton(flags) else reference
-    return impl.wait_layer(flags, target, layer)
+    stream that writes the flag after them, have landed (`LayerGate`). A synchronisation, not a
+    computation: on CUDA it is the Triton kernel whatever CACHEPROXY_KERNELS says (the twin would let
+    attention read blocks still on their way); elsewhere nothing is in flight."""
+    if flags.is_cuda:
+        if _triton is None:
+            raise RuntimeError("waiting on the device needs Triton")
+        return _triton.wait_layer(flags, target, layer)
+    return reference.wait_layer(flags, target, layer)
+
+
+def can_wait_on_device() -> bool:
+    """Whether `wait_layer` can hold a CUDA stream (Triton is installed)."""
+    return _triton is not None
 
 
 def rms_norm(x, weight, eps, residual=None, *, out=None):  # type: ignore[no-untyped-def]

@@ -45,7 +45,7 @@ class LayerGate:
 
     @classmethod
     def for_device(cls, num_layers: int, device: torch.device) -> LayerGate | None:
-        driver = CudaDriver.get() if device.type == "cuda" else None
+        driver = CudaDriver.get() if device.type == "cuda" and kernels.can_wait_on_device() else None
         return cls(num_layers, device, driver) if driver is not None else None
 
     def load(
