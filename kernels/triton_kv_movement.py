@@ -107,5 +107,7 @@ def _wait_layer_kernel(flags_ptr, target_ptr, layer, MAX_POLLS: tl.constexpr):
         polls += 1
 
 
-def launch_wait_layer(flags: torch.Tensor, target: torch.Tensor, layer: int) -> None:
-    _wait_layer_kernel[(1,)](flags, target, layer, MAX_POLLS=WAIT_MAX_POLLS, num_warps=1)
+def launch_wait_layer(
+    flags: torch.Tensor, target: torch.Tensor, layer: int, max_polls: int = WAIT_MAX_POLLS
+) -> None:
+    _wait_layer_kernel[(1,)](flags, target, layer, MAX_POLLS=max_polls, num_warps=1)

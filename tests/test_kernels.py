@@ -158,6 +158,15 @@ def write_kv_inputs(dtype: torch.dtype, block_size: int, head_dim: int, gen: tor
     }
 
 
+def wait_layer_inputs(gen: torch.Generator, landed: bool) -> dict[str, Any]:
+    from kernels.triton_kv_movement import WAIT_MAX_POLLS
+
+    flags = torch.randint(1, 1000, (6,), generator=gen, dtype=torch.int32)
+    layer = int(torch.randint(0, 6, (1,), generator=gen))
+    target = flags[layer : layer + 1].clone() if landed else flags[layer : layer + 1] + 1
+    return {"flags": flags, "target": target, "layer": layer, "max_polls": WAIT_MAX_POLLS if landed else 50}
+
+
 def copy_blocks_inputs(dtype: torch.dtype, id_dtype: torch.dtype, gen: torch.Generator) -> dict[str, Any]:
     pool = _pool(gen, 12, 16, 2, 64, dtype)
     staging = torch.full((5, *pool.shape[1:]), float("nan"), dtype=dtype)
@@ -199,6 +208,12 @@ def run_op(ops: Any, op: str, inputs: dict[str, Any], poison: bool) -> dict[str,
         pool = inputs["pool"].clone()
         ops.write_kv(inputs["k"], inputs["v"], pool[:, LAYER, 0], pool[:, LAYER, 1], inputs["slot_mapping"])
         return {"pool": pool}
+    if op == "wait_layer":  # Triton only: the twin has nothing to wait for
+        from kernels.triton_kv_movement import launch_wait_layer
+
+        flags, target = inputs["flags"].clone(), inputs["target"].clone()
+        launch_wait_layer(flags, target, inputs["layer"], inputs["max_polls"])
+        return {"flags": flags, "target": target}
     if op == "copy_blocks":
         dst = inputs["dst"].clone()
         ops.copy_blocks(inputs["src"], dst, inputs["src_ids"], inputs["dst_ids"])
@@ -314,6 +329,10 @@ MOVE_CASES = {
     "write_kv-fp32-bs32-d128": ("write_kv", lambda g: write_kv_inputs(torch.float32, 32, 128, g)),
     "copy_blocks-fp16-int32-ids": ("copy_blocks", lambda g: copy_blocks_inputs(torch.float16, torch.int32, g)),
     "copy_blocks-fp32-int64-ids": ("copy_blocks", lambda g: copy_blocks_inputs(torch.float32, torch.int64, g)),
+    # the layer's flag already equals the target: returns at its first poll, with the production cap
+    "wait_layer-landed": ("wait_layer", lambda g: wait_layer_inputs(g, landed=True)),
+    # it never will (nothing copies on the CPU): returns after its poll cap instead of hanging
+    "wait_layer-capped": ("wait_layer", lambda g: wait_layer_inputs(g, landed=False)),
 }
 
 
@@ -391,6 +410,13 @@ def test_write_kv_fills_exactly_the_mapped_slots(name: str, cases, interpreted) 
     torch.testing.assert_close(interpreted[name]["pool"], expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(run_op(reference, "write_kv", inputs, False)["pool"], expected, rtol=0, atol=0,
                                equal_nan=True)
+
+
+@pytest.mark.parametrize("name", [n for n in MOVE_CASES if n.startswith("wait_layer")])
+def test_wait_layer_returns_and_writes_nothing(name: str, cases, interpreted) -> None:
+    _, inputs = cases[name]
+    assert torch.equal(interpreted[name]["flags"], inputs["flags"])
+    assert torch.equal(interpreted[name]["target"], inputs["target"])
 
 
 @pytest.mark.parametrize("name", [n for n in MOVE_CASES if n.startswith("copy_blocks")])
