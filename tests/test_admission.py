@@ -102,11 +102,37 @@ def test_a_preempted_sequence_is_readmitted_with_its_output_packed_too(engine: L
         engine.step()
     seq = engine.seqs["pre"]
     assert len(seq.output_ids) == bs + 1
+    engine._settle()  # as a step does before its schedule can preempt: the last step's blocks published
     engine.scheduler._preempt(seq)
     assert seq.num_computed == 0
     engine.scheduler.schedule()
     # the prompt's blocks and the block of generated ids are all found again
     assert seq.num_computed == (len(prompt) + bs) // bs * bs
+    while engine.has_work():
+        engine.step()
+    assert all(c == 0 for c in engine.pool.ref_counts)
+
+
+def test_a_steps_blocks_join_the_cache_after_its_outputs_leave(engine: LLMEngine) -> None:
+    """The first token goes out before the step's bookkeeping: its filled blocks are registered, and a
+    finished sequence's blocks given back, when the engine steps next (before it admits anyone)."""
+    bs = engine.block_size
+    engine.evict_prefix(None)
+    prompt = [(i * 13) % 900 + 7 for i in range(3 * bs + 2)]
+    engine.add_request(GenerationRequest("first", prompt, _greedy(1)))
+    outs = engine.step()
+    assert [o.finish_reason for o in outs] == ["length"]
+    assert engine.pool.num_cached == 0 and engine.has_work()  # registration still to do
+    assert engine.step() == []
+    assert engine.pool.num_cached == 3 and not engine.has_work()
+    assert all(c == 0 for c in engine.pool.ref_counts)
+    # a request that arrives before that next step still finds the blocks: it registers, then admits
+    engine.evict_prefix(None)
+    engine.add_request(GenerationRequest("first-again", prompt, _greedy(1)))
+    engine.step()
+    engine.add_request(GenerationRequest("second", prompt, _greedy(1)))
+    outs = engine.step()
+    assert [(o.request_id, o.cached_tokens) for o in outs] == [("second", 3 * bs)]
     while engine.has_work():
         engine.step()
     assert all(c == 0 for c in engine.pool.ref_counts)

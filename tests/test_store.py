@@ -198,6 +198,7 @@ def test_identical_blocks_of_concurrent_requests_end_up_shared(models: dict[str,
     for rid in ("a", "b"):  # admitted in the same step: neither can hit the other's blocks yet
         engine.add_request(GenerationRequest(rid, prompt, params))
     engine.step()
+    engine._settle()  # the step's blocks are published once its outputs are out (the next step does it)
     a, b = engine.seqs["a"], engine.seqs["b"]
     assert a.cached_tokens == b.cached_tokens == 0
     # once published, the second copy of each full block is dropped for the first one

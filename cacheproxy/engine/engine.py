@@ -114,6 +114,11 @@ class LLMEngine:
         if device.type == "cuda" and settings.cuda_graphs:
             self.runner.capture_graphs(settings.max_num_seqs, self.max_model_len, settings.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
+        # A step's bookkeeping waits until its outputs have left (`_settle`, at the next step): blocks it
+        # filled are registered then, finished sequences' blocks released then. Registering a 32k-token
+        # prompt's 2,048 blocks took ~12 ms of the first token's time on the GPU host.
+        self._to_register: list[Sequence] = []
+        self._to_release: list[Sequence] = []
         self.streams: dict[str, _Stream] = {}
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_id)
         self.cost_model = self._measure_costs()
@@ -306,13 +311,14 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
+        self._settle()  # what the aborted sequence filled stays cached
         seq = self.seqs.pop(request_id, None)
         self.streams.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._to_register or self._to_release)
 
     @property
     def num_running(self) -> int:
@@ -324,6 +330,7 @@ class LLMEngine:
 
     # --- the step -----------------------------------------------------------------------
     def step(self) -> list[GenerationOutput]:
+        self._settle()
         if self.store.pins:
             self.store.expire_pins(time.time())
         step = self.scheduler.schedule()
@@ -344,7 +351,7 @@ class LLMEngine:
         for chunk, token in zip(step.chunks, result.tokens, strict=True):
             seq = chunk.seq
             seq.num_computed = chunk.start + chunk.length
-            self._register_filled(seq)
+            self._to_register.append(seq)
             if token is None:
                 continue
             lp = next(lp_iter)
@@ -355,6 +362,19 @@ class LLMEngine:
                 seq.pending_logprobs.append(self._logprob(token, lp))
             outputs.append(self._emit(seq, token))
         return outputs
+
+    def _settle(self) -> None:
+        """The last step's bookkeeping, once its outputs are out: the blocks it filled join the prefix
+        cache (before the next admission looks for them), then finished sequences give theirs back."""
+        if self._to_register:
+            for seq in self._to_register:
+                if seq.block_table:  # not released meanwhile
+                    self._register_filled(seq)
+            self._to_register.clear()
+        if self._to_release:
+            for seq in self._to_release:
+                self.scheduler.release(seq)
+            self._to_release.clear()
 
     def _register_filled(self, seq: Sequence) -> None:
         bs = self.block_size
@@ -424,7 +444,8 @@ class LLMEngine:
             out.logprobs, seq.pending_logprobs = seq.pending_logprobs, []
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish, stop_reason
-            self.scheduler.finish(seq)
+            self.scheduler.retire(seq)  # out of the batch now; its blocks after their registration
+            self._to_release.append(seq)
             self.seqs.pop(seq.request_id, None)
             self.streams.pop(seq.request_id, None)
         return out
@@ -447,9 +468,11 @@ class LLMEngine:
 
     # --- operator controls: run on the engine thread (AsyncEngine.run_on_engine) ------------
     def cache_entries(self, limit: int = 100) -> list[dict[str, object]]:
+        self._settle()
         return self.store.entries(limit)
 
     def pin_prefix(self, hash_hex: str, ttl_s: float) -> int:
+        self._settle()
         if ttl_s <= 0:
             raise EngineError("ttl must be positive", "invalid_value")
         n = self.store.pin(_parse_hash(hash_hex), ttl_s)
@@ -461,6 +484,7 @@ class LLMEngine:
         return self.store.unpin(_parse_hash(hash_hex))
 
     def evict_prefix(self, hash_hex: str | None) -> dict[str, int]:
+        self._settle()
         return self.store.evict(None if hash_hex is None else _parse_hash(hash_hex))
 
     # --- reporting and lifecycle ------------------------------------------------------------
@@ -471,6 +495,7 @@ class LLMEngine:
         return s
 
     def shutdown(self) -> None:
+        self._settle()
         flushed = self.store.flush()
         self.store.close()
         log.info("engine stopped", flushed_blocks=flushed)

@@ -214,7 +214,16 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Frees a finished or aborted sequence's blocks (they stay cached if registered)."""
-        self._release(seq)
+        self.retire(seq)
+        self.release(seq)
+
+    def retire(self, seq: Sequence) -> None:
+        """Takes a sequence out of the batch and the queue; its blocks stay held until `release`."""
+        if seq in self.running:
+            self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def release(self, seq: Sequence) -> None:
+        self._release(seq)
