@@ -140,7 +140,9 @@ def ttft(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[float, dict[st
 
 
 def ttft_phases(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[float, dict[str, int], dict[str, float]]:
-    """ttft() for a prompt that fits one step, with the host/device phases timed apart."""
+    """ttft() for a prompt that fits one step, with the host/device phases timed apart (the step's
+    parts called one by one: the last step's bookkeeping first, as `step` does, outside the timing)."""
+    engine._settle()
     sync()
     t0 = time.perf_counter()
     engine.add_request(GenerationRequest(rid, prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
