@@ -455,6 +455,7 @@ class LLMEngine:
 
         Runs outside the batch: call it only when no request is running on this engine.
         """
+        self._settle()  # blocks of a finished request still held until then
         seq = Sequence("score", list(prompt_ids), SamplingParams(max_tokens=1), self.hasher.root())
         need = -(-len(prompt_ids) // self.block_size)
         if need > self.pool.num_free:
