@@ -129,10 +129,13 @@ def independent_stream(device: torch.device, tries: int = 16) -> tuple[torch.cud
     stream of torch's pool is tried."""
     current = torch.cuda.current_stream(device)
     stream = torch.cuda.Stream(device)
+    sleep = getattr(torch.cuda, "_sleep", None)  # torch's own test helper: a kernel that spins
+    if sleep is None:
+        return stream, True  # cannot probe here: torch's stream as it comes
     for _ in range(tries):
         torch.cuda.synchronize(device)
         with torch.cuda.stream(stream):
-            torch.cuda._sleep(_PROBE_CYCLES)
+            sleep(_PROBE_CYCLES)
         done = torch.cuda.Event()
         done.record(current)
         t0 = time.perf_counter()
