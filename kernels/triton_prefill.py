@@ -125,16 +125,18 @@ def split_prefill_tiling_for(device: torch.device, head_dim: int, rows: int) -> 
     if device.type != "cuda":  # interpreter: small tiles so that short test sequences span several
         return PrefillTiling(block_m=16, block_n=16, num_warps=4, num_stages=1, prefetch_pages=True)
     block_m = min(128, max(16, triton.next_power_of_2(rows)))  # tl.dot wants at least 16 rows
-    block_n = 128 if head_dim <= 128 and block_m == 128 else 64
     if block_m == 128:
-        return PrefillTiling(block_m=128, block_n=block_n, num_warps=8, num_stages=3, prefetch_pages=True)
+        # H200 sweep (BENCHMARKS.md): 64-key tiles beat 128 at 64 and 256 new tokens after 2k-32k cached.
+        return PrefillTiling(block_m=128, block_n=64, num_warps=8, num_stages=3, prefetch_pages=True)
     stages = 3 if block_m == 64 else 2
-    return PrefillTiling(block_m=block_m, block_n=block_n, num_warps=4, num_stages=stages, prefetch_pages=True)
+    return PrefillTiling(block_m=block_m, block_n=64, num_warps=4, num_stages=stages, prefetch_pages=True)
 
 
 def split_programs_per_sm(block_m: int) -> int:
-    """Programs wanted per multiprocessor: a 128-row tile keeps an SM busy alone, short tiles need company."""
-    return min(8, max(2, 256 // block_m))
+    """Programs wanted per multiprocessor: a 128-row tile keeps an SM busy alone, short tiles need company.
+    A second wave of 128-row programs costs a whole program's time: 17 splits of 64 new tokens (2.06
+    waves) ran 36.7 us a layer after 2k cached, 8 splits (0.97 of a wave) 23.2 us (H200 sweep)."""
+    return {128: 1, 64: 2}.get(block_m, 8)
 
 
 def plan_prefix_prefill(
@@ -166,7 +168,10 @@ def plan_prefix_prefill(
     if num_splits is not None:
         return PrefillPlan(True, tiling, num_splits)
     row_tiles = triton.cdiv(max(1, max_query_len) * group, tiling.block_m)
-    wanted = triton.cdiv(split_programs_per_sm(tiling.block_m) * num_sms, row_tiles * num_kv_heads * max(1, batch))
+    slots, programs = split_programs_per_sm(tiling.block_m) * num_sms, row_tiles * num_kv_heads * max(1, batch)
+    # On the GPU rounded down: the grid fills waves without spilling a few programs into one more. The
+    # interpreter's small test shapes round up, so that they still cut and merge splits.
+    wanted = slots // programs if device.type == "cuda" else triton.cdiv(slots, programs)
     most = triton.cdiv(max(1, triton.cdiv(max_cached_len, tiling.block_n)), MIN_TILES_PER_PREFILL_SPLIT)
     return PrefillPlan(True, tiling, max(1, min(wanted, most, MAX_PREFILL_SPLITS)))
 

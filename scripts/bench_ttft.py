@@ -278,6 +278,18 @@ def profile_gpu_hit(engine: LLMEngine, n: int, repeats: int = 7) -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out, "host_profile.txt").write_text(text.getvalue())
+        kineto.export_chrome_trace(str(Path(out, f"gpu_hit_{n}.trace.json")))
+        # the same request from the CPU tier, every block loaded: how the copies overlap the forward pass
+        saved, engine.store.cost_model = engine.store.cost_model, None
+        engine.store.evict_gpu()
+        quiesce(engine)
+        ttft(engine, "profile-cpu-prime", prefix + rand_ids(g, NEW_TOKENS))
+        engine.store.evict_gpu()
+        quiesce(engine)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as kineto:
+            ttft(engine, "profile-cpu", prefix + rand_ids(g, NEW_TOKENS))
+        engine.store.cost_model = saved
+        kineto.export_chrome_trace(str(Path(out, f"cpu_hit_{n}.trace.json")))
 
 
 def bench_decode(engine: LLMEngine, batch: int, context: int, steps: int = 48) -> dict[str, float]:
@@ -353,6 +365,7 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--profile-host", action="store_true",
                     help="after the tiers: repeat the GPU hit at the longest prefix and profile its host phases")
+    ap.add_argument("--profile-length", type=int, help="the prefix --profile-host profiles (default: the longest)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ttft-"))
     cfg_dir = work / "llama3-8b-shape"
@@ -372,7 +385,7 @@ def main() -> None:
     print("cost model:", json.dumps(engine.cost_model.as_dict()), flush=True)
     rows = bench_tiers(engine, args.lengths)
     if args.profile_host:
-        profile_gpu_hit(engine, max(args.lengths))
+        profile_gpu_hit(engine, args.profile_length or max(args.lengths))
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     decode = []
     if not args.skip_decode:
