@@ -27,7 +27,7 @@ from aiohttp import web
 from conftest import ServerProcess, start_server, stop_server, wait_until_healthy
 
 from cacheproxy.config import Settings
-from cacheproxy.server.router import BACKEND_HEADER, HashRing, affinity_key, create_router_app
+from cacheproxy.server.router import BACKEND_HEADER, ROUTER, HashRing, Router, affinity_key, create_router_app
 
 MODEL = "tiny-test"
 
@@ -362,6 +362,43 @@ async def test_a_replica_answering_429_is_skipped_for_the_next_one(
 async def _text(url: str) -> str:
     async with aiohttp.ClientSession() as http, http.get(url) as resp:
         return await resp.text()
+
+
+async def test_one_slow_health_answer_keeps_a_replica_up_two_in_a_row_take_it_down() -> None:
+    # A stand-in replica on loopback whose /health answers after `delay` seconds (or 503).
+    state = {"delay": 0.0, "status": 200}
+
+    async def health(request: web.Request) -> web.Response:
+        await asyncio.sleep(state["delay"])
+        return web.json_response({}, status=int(state["status"]))
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with _router([url], router_health_interval_s=0.5) as site:  # a check gives up after 1 s
+            router: Router = site.runner.app[ROUTER]
+            assert router._health_task is not None
+            router._health_task.cancel()  # the checks below are the only ones
+            backend = router.backends[url]
+            assert backend.healthy
+            state["delay"] = 1.5
+            await router.check_health()
+            assert backend.healthy  # one late answer: a busy replica, not a dead one
+            await router.check_health()
+            assert not backend.healthy  # silent twice in a row: down
+            state["delay"] = 0.0
+            await router.check_health()
+            assert backend.healthy and backend.slow_checks == 0
+            state["status"] = 503
+            await router.check_health()
+            assert not backend.healthy  # a refusal counts at once
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize("path", ["/health", "/v1/models"])

@@ -21,7 +21,8 @@ or a 429/503 answer) or the connection broke before any answer; once a response 
 bytes stream through to the client chunk by chunk (SSE included) and are never retried.
 
 Health: GET /health on every replica each `router_health_interval_s`, and a replica that fails a
-connection is marked down at once (the next check brings it back). The router's own /health is 200
+connection or answers non-200 is marked down at once (the next check brings it back); one that lets
+two checks in a row time out is marked down too, one slow answer alone is not. The router's own /health is 200
 while any replica is healthy; /v1/models comes from a healthy replica; /metrics is the router's.
 `router_policy = round_robin` turns affinity off (for comparisons).
 """
@@ -57,6 +58,7 @@ _HOP_HEADERS = frozenset(
 # Answers that mean "this replica did not take the request, another may".
 _REFUSALS = frozenset({429, 503})
 BACKEND_HEADER = "X-Cacheproxy-Backend"
+SLOW_CHECKS_TO_MARK_DOWN = 2
 
 
 class HashRing:
@@ -149,6 +151,7 @@ class Backend:
     url: str
     healthy: bool = True  # until the first check says otherwise
     in_flight: int = 0
+    slow_checks: int = 0  # health checks in a row that timed out
 
 
 class _RouterMetrics:
@@ -233,8 +236,15 @@ class Router:
             async with self.session.get(backend.url + "/health", timeout=timeout) as resp:
                 await resp.read()
                 healthy = resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except TimeoutError:
+            # A replica busy with a long prefill can answer late once; down only when it stays silent.
+            backend.slow_checks += 1
+            if backend.slow_checks >= SLOW_CHECKS_TO_MARK_DOWN:
+                self._set_health(backend, False)
+            return
+        except aiohttp.ClientError:
             healthy = False
+        backend.slow_checks = 0
         self._set_health(backend, healthy)
 
     async def check_health(self) -> None:
