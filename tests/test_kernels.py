@@ -87,6 +87,8 @@ SPLIT_PREFILL_CASES = [
     PrefillCase("split-gqa8-d64-bs16-fp16-tight-bound", torch.float16, 16, 2, 64, 16, (5, 3), (250, 18),
                 tight_cached_bound=True),
     PrefillCase("split-gqa4-d64-bs16-fp32-padded", torch.float32, 4, 1, 64, 16, (2, 3), (90, 41), padding_tokens=3),
+    # 6 query heads: the merge's last program of 4 heads has 2 past the end, which it must not store.
+    PrefillCase("split-gqa3-d64-bs16-fp32-six-heads", torch.float32, 6, 2, 64, 16, (3, 2), (100, 40)),
     # More splits than the shorter prefix has tiles: the surplus splits are empty and must weigh nothing.
     PrefillCase("split-gqa8-d64-bs16-fp32-forced-7", torch.float32, 8, 1, 64, 16, (6, 2), (150, 33), num_splits=7),
     PrefillCase("split-gqa4-d64-bs16-fp16-forced-1", torch.float16, 8, 2, 64, 16, (9, 4), (70, 0), num_splits=1),
