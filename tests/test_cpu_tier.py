@@ -120,7 +120,7 @@ def test_remove_frees_the_slot() -> None:
 def test_a_chain_put_after_removals_fills_neighbouring_slots_in_order() -> None:
     """Freed slots go back lowest first: a chain put after others were removed (in any order) sits in
     ascending, neighbouring slots, so loading it back is a few large copies, not one per block."""
-    from cacheproxy.cache.tiered_store import copy_runs
+    from cacheproxy.cache.tiered_store import SlabSlot, copy_runs
 
     tier = _tier(12)
     old = _entries(10)
@@ -136,6 +136,14 @@ def test_a_chain_put_after_removals_fills_neighbouring_slots_in_order() -> None:
     runs = copy_runs([(i, v.tensor) for i, v in enumerate(views) if v is not None])
     assert [(first, count) for first, count, _ in runs] == [(0, 8)]
     assert torch.equal(runs[0][2], torch.stack([e.tensor for e in chain]))
+    # The same by slots, as the tiered store reads them (no view per block).
+    found = [tier.get_slot(e.hash) for e in chain]
+    assert [(f[0], f[1]) for f in found if f is not None] == [(e.parent_hash, e.token_ids) for e in chain]
+    assert tier.slab is not None
+    by_slot = copy_runs([(i, SlabSlot(tier.slab, f[2])) for i, f in enumerate(found) if f is not None])
+    assert [(first, count) for first, count, _ in by_slot] == [(0, 8)]
+    assert torch.equal(by_slot[0][2], runs[0][2])
+    assert tier.get_slot(b"\x01" * 16) is None
 
 
 def test_evicted_blocks_are_demoted_to_the_disk_tier(tmp_path: Path) -> None:

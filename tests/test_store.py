@@ -386,3 +386,30 @@ def test_copy_runs_join_only_blocks_that_follow_on_in_pool_and_source() -> None:
         pool_blocks[block].copy_(source)
     assert torch.equal(pool_runs.nan_to_num(-1.0), pool_blocks.nan_to_num(-1.0))
     assert runs[0][2].data_ptr() == slab[2].data_ptr()  # a view of the slab: no staging copy
+
+
+def test_copy_runs_join_cpu_tier_slots_that_follow_on_and_copy_what_their_views_would() -> None:
+    import torch
+
+    from cacheproxy.cache.tiered_store import SlabSlot, copy_runs
+
+    g = torch.Generator().manual_seed(8)
+    slab = torch.randn(10, 2, 3, 4, generator=g)
+    other = slab.clone()  # equal values, another slab: never joined
+    loose = torch.randn(2, 3, 4, generator=g)
+    slots = [
+        (0, SlabSlot(slab, 4)), (1, SlabSlot(slab, 5)), (2, SlabSlot(slab, 6)),  # one run of three
+        (3, SlabSlot(other, 7)),  # pool block and slot follow on, another slab
+        (4, SlabSlot(slab, 9)), (6, SlabSlot(slab, 0)),  # pool block does not follow on
+        (7, loose), (8, SlabSlot(slab, 1)), (9, SlabSlot(slab, 1)),  # a tensor and a repeated slot end runs
+    ]  # fmt: skip
+    runs = copy_runs(slots)
+    assert [(first, count) for first, count, _ in runs] == [(0, 3), (3, 1), (4, 1), (6, 1), (7, 1), (8, 1), (9, 1)]
+    assert runs[0][2].data_ptr() == slab[4].data_ptr()
+    by_run = torch.full((12, 2, 3, 4), float("nan"))
+    by_view = torch.full((12, 2, 3, 4), float("nan"))
+    for first, count, source in runs:
+        by_run[first : first + count].copy_(source)
+    for block, source in slots:
+        by_view[block].copy_(source.slab[source.slot] if isinstance(source, SlabSlot) else source)
+    assert torch.equal(by_run.nan_to_num(-1.0), by_view.nan_to_num(-1.0))

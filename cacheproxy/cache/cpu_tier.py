@@ -106,6 +106,19 @@ class CpuTier:
             assert self._slab is not None
             return BlockEntry(block_hash, resident.parent_hash, resident.token_ids, self._slab[resident.slot])
 
+    def get_slot(self, block_hash: bytes) -> tuple[bytes, tuple[int, ...], int] | None:
+        """(parent hash, token ids, slot) of a resident block, with no tensor made: the tiered store
+        copies runs of neighbouring slots straight out of `slab` (valid until the next put or remove,
+        as a view is). A view per block cost its admission walk ~4 us a block (CPU sandbox)."""
+        with self._lock:
+            resident = self._touch(block_hash)
+            return None if resident is None else (resident.parent_hash, resident.token_ids, resident.slot)
+
+    @property
+    def slab(self) -> torch.Tensor | None:
+        """`[capacity_blocks, *block_shape]`; None until the first put."""
+        return self._slab
+
     def get_into(self, block_hash: bytes, out: torch.Tensor) -> BlockEntry | None:
         """Copy a block into `out` (same shape and dtype, any device); None on a miss."""
         if tuple(out.shape) != self.block_shape or out.dtype != self.dtype:

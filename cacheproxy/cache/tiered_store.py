@@ -115,7 +115,7 @@ class TieredStore:
             if not independent:
                 log.warning("copy stream shares a hardware queue with the compute stream; loads will not overlap")
         self._loads_pending = False
-        self._pending_copies: list[tuple[int, torch.Tensor]] = []
+        self._pending_copies: list[tuple[int, CopySource]] = []
         self._issued = 0  # batches of whole-block copies queued so far
         self._shared_tiers = [t for t in self.tiers if t.name == "remote"]
         pool.on_evict = self._demote
@@ -230,9 +230,9 @@ class TieredStore:
                 found = self._find_lower(h, parent, toks, self.tiers) if fresh else None
                 if found is None:
                     break
-                entry, tier_name = found
+                source, tier_name = found
                 block = fresh.pop()
-                self._copy_in(block, entry, tier_name)
+                self._copy_in(block, source, tier_name)
                 if len(self._pending_copies) >= 64 + tail:
                     self._issue_copies(64)  # the DMA starts while the rest of the chain is checked
                 pool.register(block, BlockIdentity(h, parent, toks, i))
@@ -294,8 +294,8 @@ class TieredStore:
                 found = self._find_lower(ident.hash, ident.parent, ident.token_ids, self.tiers)
                 if found is None:  # gone or failed its check since the plan: recomputed instead
                     break
-                entry, tier_name = found
-                self._copy_in(block, entry, tier_name)
+                source, tier_name = found
+                self._copy_in(block, source, tier_name)
                 if len(self._pending_copies) >= 64:
                     self._issue_copies()
                 p.by_tier[tier_name] += self.block_size
@@ -346,19 +346,26 @@ class TieredStore:
 
     def _find_lower(
         self, h: bytes, parent: bytes, toks: tuple[int, ...], eligible: list[KVTier]
-    ) -> tuple[BlockEntry, str] | None:
+    ) -> tuple[CopySource, str] | None:
+        """Where block `h` (child of `parent`, holding `toks`) can be copied from: a CPU-tier slot,
+        or the tensor a lower tier read; None when no tier has it under that identity."""
         for tier in eligible:
-            get_view = getattr(tier, "get_view", None)
-            entry = get_view(h) if get_view is not None else tier.get(h)
+            get_slot = getattr(tier, "get_slot", None)
+            if get_slot is not None:
+                found = get_slot(h)
+                if found is not None and found[0] == parent and found[1] == toks:
+                    return SlabSlot(tier.slab, found[2]), tier.name  # type: ignore[attr-defined]
+                continue
+            entry = tier.get(h)
             if entry is not None and entry.matches(parent, toks):
-                return entry, tier.name
+                return entry.tensor, tier.name
         return None
 
-    def _copy_in(self, block: int, entry: BlockEntry, tier_name: str) -> None:
+    def _copy_in(self, block: int, source: CopySource, tier_name: str) -> None:
         if self.load_stream is None:
-            self.pool.kv[block].copy_(entry.tensor)
+            self.pool.kv[block].copy_(source.slab[source.slot] if isinstance(source, SlabSlot) else source)
         else:
-            self._pending_copies.append((block, entry.tensor))
+            self._pending_copies.append((block, source))
         self.counters.transfers[(tier_name, GPU)] += self.pool.block_bytes
 
     def settle_loads(self) -> None:
@@ -651,7 +658,17 @@ class TieredStore:
         }
 
 
-def copy_runs(copies: list[tuple[int, torch.Tensor]]) -> list[tuple[int, int, torch.Tensor]]:
+class SlabSlot(NamedTuple):
+    """A CPU-tier block as its slab and slot: no tensor is made per block, one view per run."""
+
+    slab: torch.Tensor
+    slot: int
+
+
+CopySource = torch.Tensor | SlabSlot
+
+
+def copy_runs(copies: list[tuple[int, CopySource]]) -> list[tuple[int, int, torch.Tensor]]:
     """(pool block, source block) copies as runs (first block, count, source of `count` blocks): a
     copy joins the run before it when its pool block and its source both follow on. CPU-tier slots
     filled in chain order sit next to each other in the slab, and so do the pool blocks allocated
@@ -661,12 +678,23 @@ def copy_runs(copies: list[tuple[int, torch.Tensor]]) -> list[tuple[int, int, to
     while i < len(copies):
         first, source = copies[i]
         count = 1
+        if isinstance(source, SlabSlot):
+            while i + count < len(copies):
+                block, nxt = copies[i + count]
+                if not (block == first + count and isinstance(nxt, SlabSlot) and nxt.slab is source.slab
+                        and nxt.slot == source.slot + count):  # fmt: skip
+                    break
+                count += 1
+            runs.append((first, count, source.slab[source.slot : source.slot + count]))
+            i += count
+            continue
         if source.is_contiguous():
             storage, offset, numel = source.untyped_storage().data_ptr(), source.storage_offset(), source.numel()
             while i + count < len(copies):
                 block, nxt = copies[i + count]
                 if not (
                     block == first + count
+                    and isinstance(nxt, torch.Tensor)
                     and nxt.is_contiguous()
                     and nxt.dtype == source.dtype
                     and nxt.shape == source.shape
