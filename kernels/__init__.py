@@ -51,6 +51,12 @@ def prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_
     return reference.prefix_prefill(q, k, v, k_cache, v_cache, block_table, cu_seqlens_q, cached_lens, scale, out=out)
 
 
+def warm_up(num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compiles, on CUDA, the attention variants an eager step may pick, before any request does."""
+    if _triton is not None and device.type == "cuda" and os.environ.get("CACHEPROXY_KERNELS") != "reference":
+        _triton.warm_up_prefix_prefill(num_q_heads, num_kv_heads, head_dim, block_size, dtype, device)
+
+
 def write_kv(k, v, k_cache, v_cache, slot_mapping):  # type: ignore[no-untyped-def]
     impl = _triton if _use_triton(k) else reference
     return impl.write_kv(k, v, k_cache, v_cache, slot_mapping)
@@ -98,5 +104,6 @@ def silu_and_mul(gate_up, *, out=None):  # type: ignore[no-untyped-def]
 
 
 __all__ = [
-    "copy_blocks", "paged_decode", "prefix_prefill", "reference", "rms_norm", "rotary", "silu_and_mul", "write_kv",
+    "copy_blocks", "paged_decode", "prefix_prefill", "reference", "rms_norm", "rotary", "silu_and_mul", "warm_up",
+    "write_kv",
 ]  # fmt: skip

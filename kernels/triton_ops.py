@@ -249,6 +249,37 @@ def prefix_prefill(
     return launch_prefix_prefill(*args, prefill_tiling_for(q.device, q.shape[2]) if plan.contiguous else plan.tiling)
 
 
+def warm_up_prefix_prefill(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Compiles the prefix-prefill variants an eager step can pick: the split-K kernel at each tile
+    height (new tokens x group rows) with one split and with several, then the tiled kernel after a
+    cached prefix. A server otherwise compiled them inside requests: a first step of four short hits
+    waited ~1.5 s (H200, the mixed workload). Returns the launches made."""
+    group = num_q_heads // num_kv_heads
+    cached = 2 * block_size
+    tiled = prefill_tiling_for(device, head_dim)
+    most_new = max(tiled.block_m, 128)
+    pool = torch.randn(2 + 1, 2, block_size, num_kv_heads, head_dim, device=device).to(dtype)
+    k_cache, v_cache = pool[:, 0], pool[:, 1]
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    cached_lens = torch.tensor([cached], dtype=torch.int32, device=device)
+    launches = 0
+    for new in sorted({max(1, rows // group) for rows in (16, 32, 64, 128)}):
+        q = torch.randn(new, num_q_heads, head_dim, device=device).to(dtype)
+        kv = torch.randn(new, num_kv_heads, head_dim, device=device).to(dtype)
+        cu = torch.tensor([0, new], dtype=torch.int32, device=device)
+        for splits in (1, 2):
+            prefix_prefill(q, kv, kv, k_cache, v_cache, table, cu, cached_lens, head_dim**-0.5, num_splits=splits)
+            launches += 1
+    q = torch.randn(most_new, num_q_heads, head_dim, device=device).to(dtype)
+    kv = torch.randn(most_new, num_kv_heads, head_dim, device=device).to(dtype)
+    cu = torch.tensor([0, most_new], dtype=torch.int32, device=device)
+    launch_prefix_prefill(q, kv, kv, k_cache, v_cache, table, cu, cached_lens, head_dim**-0.5, torch.empty_like(q),
+                          most_new, tiled)  # fmt: skip
+    return launches + 1
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

@@ -542,11 +542,12 @@ def _prefill_merge_kernel(
     num_q_heads,
     num_splits,
     HEADS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
     """One new token and HEADS of its query heads per program: a program per (token, head) made the
-    merge of 64 tokens x 32 heads 2,048 programs of a few kilobytes each, launch-bound (H200: 7.5 us)."""
+    merge of 64 tokens x 32 heads 2,048 programs of a few kilobytes each, launch-bound (H200: 7.5 us).
+    Splits go by in chunks of a fixed size, so that no step compiles a variant for its split count."""
     index = tl.program_id(0)  # the token's index among its sequence's new tokens
     seq = tl.program_id(2)
     seq_start = tl.load(cu_seqlens_q_ptr + seq)
@@ -555,26 +556,34 @@ def _prefill_merge_kernel(
     token = (seq_start + index).to(tl.int64)
     heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     head_ok = heads < num_q_heads
-    splits = tl.arange(0, SPLITS_PAD)
-    ok = head_ok[:, None] & (splits < num_splits)[None, :]
+    chunk = tl.arange(0, SPLIT_CHUNK)
     dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + token * stride_lt + heads[:, None] * stride_lh + splits[None, :], mask=ok,
-                  other=float("-inf"))  # fmt: skip
+    lse_rows = part_lse_ptr + token * stride_lt + heads[:, None] * stride_lh
     # The last split always sees at least the token itself, so each head's top log-sum-exp is finite
-    # (heads past num_q_heads are all -inf: their weights are NaN and never stored).
-    weights = tl.exp2(lse - tl.max(lse, 1)[:, None])
-    parts = tl.load(
-        part_out_ptr + token * stride_pt + heads[:, None, None] * stride_ph + splits[None, :, None] * stride_ps
-        + dims[None, None, :],
-        mask=ok[:, :, None],
-        other=0.0,
-    )
-    merged = tl.sum(parts * weights[:, :, None], 1) / tl.sum(weights, 1)[:, None]
+    # (heads past num_q_heads stay -inf: their results are NaN and never stored).
+    top = tl.full([HEADS], float("-inf"), tl.float32)
+    for first in range(0, num_splits, SPLIT_CHUNK):
+        ok = head_ok[:, None] & (first + chunk < num_splits)[None, :]
+        top = tl.maximum(top, tl.max(tl.load(lse_rows + first + chunk[None, :], mask=ok, other=float("-inf")), 1))
+    merged = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+    total = tl.zeros([HEADS], tl.float32)
+    for first in range(0, num_splits, SPLIT_CHUNK):
+        ok = head_ok[:, None] & (first + chunk < num_splits)[None, :]
+        weights = tl.exp2(tl.load(lse_rows + first + chunk[None, :], mask=ok, other=float("-inf")) - top[:, None])
+        parts = tl.load(
+            part_out_ptr + token * stride_pt + heads[:, None, None] * stride_ph
+            + (first + chunk)[None, :, None] * stride_ps + dims[None, None, :],
+            mask=ok[:, :, None],
+            other=0.0,
+        )
+        merged += tl.sum(parts * weights[:, :, None], 1)
+        total += tl.sum(weights, 1)
     tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             merged.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])  # fmt: skip
+             (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])  # fmt: skip
 
 
 MERGE_HEADS_PER_PROGRAM = 4
+MERGE_SPLIT_CHUNK = 8
 
 
 def launch_grouped_prefix_prefill(
@@ -644,7 +653,7 @@ def launch_grouped_prefix_prefill(
             num_q_heads,
             num_splits,
             HEADS=heads,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLIT_CHUNK=MERGE_SPLIT_CHUNK,
             HEAD_DIM=head_dim,
             num_warps=4,
         )

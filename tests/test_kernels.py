@@ -91,6 +91,8 @@ SPLIT_PREFILL_CASES = [
     PrefillCase("split-gqa3-d64-bs16-fp32-six-heads", torch.float32, 6, 2, 64, 16, (3, 2), (100, 40)),
     # More splits than the shorter prefix has tiles: the surplus splits are empty and must weigh nothing.
     PrefillCase("split-gqa8-d64-bs16-fp32-forced-7", torch.float32, 8, 1, 64, 16, (6, 2), (150, 33), num_splits=7),
+    # More splits than the merge takes in one chunk (8), and not a multiple of it.
+    PrefillCase("split-gqa4-d64-bs16-fp32-forced-11", torch.float32, 8, 2, 64, 16, (3, 2), (300, 120), num_splits=11),
     PrefillCase("split-gqa4-d64-bs16-fp16-forced-1", torch.float16, 8, 2, 64, 16, (9, 4), (70, 0), num_splits=1),
     PrefillCase("split-gqa4-d64-bs16-fp32-no-cache", torch.float32, 4, 1, 64, 16, (7, 2), (0, 0), num_splits=3),
 ]

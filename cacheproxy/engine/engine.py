@@ -111,6 +111,7 @@ class LLMEngine:
         self.store.layer_gate = gate
         self.scheduler = Scheduler(self.pool, self.store, settings.max_num_seqs, settings.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv, gate)
+        self.runner.compile_kernels()
         if device.type == "cuda" and settings.cuda_graphs:
             self.runner.capture_graphs(settings.max_num_seqs, self.max_model_len, settings.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}

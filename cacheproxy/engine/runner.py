@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels
 from cacheproxy.engine.cuda_graphs import StepGraphs
 from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
@@ -38,6 +39,12 @@ class ModelRunner:
         self.block_size = kv.shape[3]
         model.bind_kv_pool(kv)
         self.graphs: StepGraphs | None = None
+
+    def compile_kernels(self) -> None:
+        """The attention variants an eager step may pick, compiled now rather than inside a request."""
+        cfg = self.model.config
+        kernels.warm_up(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, self.block_size,
+                        self.kv.dtype, self.device)  # fmt: skip
 
     def capture_graphs(self, max_batch: int, max_model_len: int, max_prefill_tokens: int) -> None:
         max_blocks = -(-max_model_len // self.block_size)
