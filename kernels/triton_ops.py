@@ -254,8 +254,9 @@ def warm_up_prefix_prefill(
 ) -> int:
     """Compiles the prefix-prefill variants an eager step can pick: the split-K kernel at each tile
     height (new tokens x group rows) with one split and with several, then the tiled kernel after a
-    cached prefix. A server otherwise compiled them inside requests: a first step of four short hits
-    waited ~1.5 s (H200, the mixed workload). Returns the launches made."""
+    cached prefix. Otherwise the first step that picks one compiles it inside a request (0.5-2 s a
+    variant; a ~1.5 s stall of four short hits in the H200 mixed workload looked like one, unconfirmed).
+    Returns the launches made."""
     group = num_q_heads // num_kv_heads
     cached = 2 * block_size
     tiled = prefill_tiling_for(device, head_dim)
