@@ -254,7 +254,7 @@ def warm_up_prefix_prefill(
 ) -> int:
     """Compiles the prefix-prefill variants an eager step can pick: the split-K kernel at each tile
     height (new tokens x group rows) with one split and with several, then the tiled kernel after a
-    cached prefix. Otherwise the first step that picks one compiles it inside a request (0.5-2 s a
+    cached prefix. Otherwise the first step that picks one compiles it inside a request (about a second a
     variant; a ~1.5 s stall of four short hits in the H200 mixed workload looked like one, unconfirmed).
     Returns the launches made."""
     group = num_q_heads // num_kv_heads
