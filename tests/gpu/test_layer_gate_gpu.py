@@ -8,7 +8,9 @@ sees the source.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,19 +67,29 @@ def test_layered_load_puts_every_layer_of_every_block_in_place() -> None:
     assert (gate.flags == gate.target).all() and gate.target.item() > 0
 
 
+@contextlib.contextmanager
+def _held_back_loads(
+    gate: LayerGate, pool: torch.Tensor, copies: list[tuple[int, torch.Tensor]]
+) -> Iterator[None]:
+    """The copies queued on their stream behind a sleeping kernel; the body runs on the compute stream
+    after `start`, while they are still held back."""
+    compute, stream = _compute_and_copy_streams()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(HOLD_CYCLES)
+    with torch.cuda.stream(compute):
+        gate.load(pool, copy_runs(copies), stream)
+        gate.start()
+        yield
+
+
 def test_wait_holds_the_stream_until_its_layer_has_landed() -> None:
     gate, pool, _, copies = _setup(2)
     blocks = torch.tensor([b for b, _ in copies], device="cuda")
     gate.wait(0)  # compiled before the copies are held back
     # Kernels load lazily, and a first load can wait for the device: the reads below run once first.
     pool[blocks, 0].clone()
-    compute, stream = _compute_and_copy_streams()
     torch.cuda.synchronize()
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(HOLD_CYCLES)
-    with torch.cuda.stream(compute):
-        gate.load(pool, copy_runs(copies), stream)
-        gate.start()
+    with _held_back_loads(gate, pool, copies):
         early = pool[blocks, 0].clone()  # no wait: the copies are still held back
         seen = []
         for layer in range(BLOCK[0]):
@@ -103,15 +115,10 @@ def test_wait_captured_in_a_graph_holds_each_replay() -> None:
     graph.replay()  # nothing loading: returns at once with what the pool holds
     torch.cuda.synchronize()
     assert out.isnan().all()
-    compute, stream = _compute_and_copy_streams()
     for round_ in range(2):  # a second epoch on the same flags
         pool.fill_(float("nan"))
         torch.cuda.synchronize()
-        with torch.cuda.stream(stream):
-            torch.cuda._sleep(HOLD_CYCLES)
-        with torch.cuda.stream(compute):
-            gate.load(pool, copy_runs(copies), stream)
-            gate.start()
+        with _held_back_loads(gate, pool, copies):
             graph.replay()
         torch.cuda.synchronize()
         expected = torch.stack([source[BLOCK[0] - 1] for _, source in copies])
