@@ -751,3 +751,70 @@ def test_a_match_is_the_same_with_the_c_walk_and_the_python_loop(monkeypatch: py
             )
             monkeypatch.undo()
         assert results[0] == results[1], seed
+
+
+def test_a_match_reads_cpu_tier_runs_as_it_reads_block_by_block() -> None:
+    """The CPU tier's run read (`count_held`, `read_chain`) against the block-by-block lookups it
+    stands in for, on chains of CPU-tier blocks with forged tokens, wrong parents, ids the byte
+    comparison does not vouch for, gaps and pool blocks: the same match, pool, tier and counters."""
+    block_size = 4
+    for seed in range(80):
+        results = []
+        for runs in (True, False):
+            rng = random.Random(seed)
+            pool = BlockPool(torch.zeros(40, 1, 2, block_size, 1, 2))
+            tier = CpuTier((1, 2, block_size, 1, 2), torch.float32, 64 * pool.block_bytes, pin_memory=False)
+            if not runs:
+                tier.read_chain = None  # type: ignore[method-assign]
+                tier.count_held = None  # type: ignore[method-assign]
+            store = TieredStore(pool, [tier])
+            hasher = BlockHasher(dataclasses.replace(NAMESPACE, block_size=block_size), seed=seed)
+            gen = torch.Generator().manual_seed(seed)
+            token_ids = [rng.randrange(1000) for _ in range(16 * block_size + 3)]
+            root, hashes = hasher.root(), hasher.hash_blocks(token_ids)
+            lead = rng.randrange(4)
+            parent = root
+            for i, h in enumerate(hashes):
+                toks = tuple(token_ids[i * block_size : (i + 1) * block_size])
+                kind = "gpu" if i < lead else rng.choice(["cpu"] * 8 + ["tokens", "parent", "numpy", "none", "gpu"])
+                if kind == "gpu":
+                    block = pool.allocate()
+                    pool.register(block, BlockIdentity(h, parent, toks, i))
+                    pool.release(block)
+                elif kind != "none":
+                    stored_parent, stored = parent, toks
+                    if kind == "tokens":
+                        stored = (*toks[:-1], toks[-1] + 1)
+                    elif kind == "parent":
+                        stored_parent = bytes(len(parent))
+                    elif kind == "numpy":  # equal under ==, but no identity key
+                        stored = tuple(np.int64(t) for t in toks)
+                    tensor = torch.randn(1, 2, block_size, 1, 2, generator=gen)
+                    tier.put(BlockEntry(h, stored_parent, stored, tensor))
+                parent = h
+            match = store.match(root, hashes, token_ids, len(hashes))
+            identities = [None if i is None else (i.hash, i.parent, i.token_ids, i.index, i.key) for i in pool.identity]
+            results.append(
+                (
+                    match,
+                    identities,
+                    list(pool.ref_counts),
+                    list(pool.free),
+                    tier.hashes(),
+                    tier.stats,
+                    store.counters,
+                    [pool.kv[b].tolist() for b in match.blocks],
+                )
+            )
+        assert results[0] == results[1], seed
+
+
+def test_an_identity_keyed_by_its_caller_equals_one_made_here() -> None:
+    root, h = bytes(16), bytes(range(16))
+    made = BlockIdentity(h, root, (5, 6, 7), 3)
+    assert made.key is not None
+    keyed = BlockIdentity.keyed(h, root, (5, 6, 7), 3, made.key)
+    assert keyed == made and keyed.key == made.key and hash(keyed) == hash(made)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        keyed.key = b"forged"  # type: ignore[misc]
+    assert dataclasses.replace(keyed, token_ids=(8,)).key == root + struct.pack("<i", 8)

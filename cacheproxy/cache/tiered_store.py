@@ -144,6 +144,13 @@ class TieredStore:
         first_lower = -1
         lower_tiers: list[str] = []
         resident_after_lower = False
+        # So is the run the first tier (the CPU tier) holds after it, when none of it is in the pool.
+        count_held = getattr(self.tiers[0], "count_held", None) if self.tiers else None
+        held = count_held(hashes, reach) if count_held is not None else 0
+        if held and not any(map(self.pool.by_hash.__contains__, hashes[reach : reach + held])):
+            first_lower = reach
+            lower_tiers = [self.tiers[0].name] * held
+            reach += held
         for h in hashes[reach:]:
             if h in self.pool.by_hash:
                 resident_after_lower |= first_lower >= 0
@@ -198,6 +205,7 @@ class TieredStore:
         lead = len(blocks)
         rest = hashes[lead:]
         resident = [by_hash[h] for h in rest if h in by_hash]
+        pool_in_rest = bool(resident)
         to_load = len(rest) - len(resident)
         if to_load:
             for block in resident:
@@ -216,7 +224,29 @@ class TieredStore:
             tail = max(64, min(LAYERED_TAIL_BYTES // pool.block_bytes, LAYERED_TAIL_BLOCKS))
         parent = hashes[lead - 1] if lead else root
         now = time.time()
-        for i, h in enumerate(rest, start=lead):
+        # Where none of the rest is in the pool, the first tier (the CPU tier) reads it a run at a time.
+        reader = self.tiers[0] if self.tiers and packed and not pool_in_rest else None
+        read_chain = getattr(reader, "read_chain", None)
+        i = lead
+        while i < len(hashes):
+            h = hashes[i]
+            if read_chain is not None and fresh:
+                run = read_chain(hashes, i, parent, packed, bs, len(fresh))
+                if run:
+                    assert reader is not None
+                    slab = reader.slab  # type: ignore[attr-defined]
+                    for slot, toks, key in run:
+                        h = hashes[i]
+                        block = fresh.pop()
+                        self._copy_in(block, SlabSlot(slab, slot), reader.name)
+                        if len(self._pending_copies) >= 64 + tail:
+                            self._issue_copies(64)  # the DMA starts while the rest of the chain is checked
+                        pool.register(block, BlockIdentity.keyed(h, parent, toks, i, key))
+                        blocks.append(block)
+                        parent = h
+                        i += 1
+                    by_tier[reader.name] += bs * len(run)
+                    continue
             toks = tuple(token_ids[i * bs : (i + 1) * bs])
             block = by_hash.get(h)
             ident = identity[block] if block is not None else None
@@ -239,6 +269,7 @@ class TieredStore:
                 by_tier[tier_name] += bs
             blocks.append(block)
             parent = h
+            i += 1
         if by_tier[GPU]:  # what `entries` reports per chain is the max over its blocks: the leaf's
             leaf = next(b for b in reversed(blocks) if identity[b] is not None)
             pool.hits[leaf] += 1

@@ -22,8 +22,9 @@ from cacheproxy.cache.fastpath import identity_key, release_all
 class BlockIdentity:
     """What a cached block claims to be; compared before any reuse.
 
-    Frozen: `key` is made from `parent` and `token_ids` here and nowhere else, so it can never
-    disagree with them (the admission walk compares keys, `lookup` compares the fields)."""
+    Frozen: `key` is `identity_key(parent, token_ids)`, made here (or, by `keyed`, earlier from the
+    same values), so it can never disagree with them (the admission walk compares keys, `lookup`
+    compares the fields)."""
 
     hash: bytes
     parent: bytes
@@ -33,6 +34,22 @@ class BlockIdentity:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", identity_key(self.parent, self.token_ids))
+
+    @classmethod
+    def keyed(
+        cls, hash: bytes, parent: bytes, token_ids: tuple[int, ...], index: int, key: bytes
+    ) -> BlockIdentity:
+        """An identity whose key the caller made with `identity_key(parent, token_ids)` from these same
+        (immutable) values: the CPU tier keeps one per block, and packing the ids again cost the
+        admission walk ~1 us a block."""
+        ident = cls.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(ident, "hash", hash)
+        setattr_(ident, "parent", parent)
+        setattr_(ident, "token_ids", token_ids)
+        setattr_(ident, "index", index)
+        setattr_(ident, "key", key)
+        return ident
 
 
 # Called with (block id, identity) just before a cached block's content is overwritten.
