@@ -1,5 +1,5 @@
-"""The two CUDA driver calls torch does not expose: asynchronous copies from pinned host memory to the
-device, strided (2D) and plain.
+"""The CUDA driver calls torch does not expose: asynchronous copies from pinned host memory to the
+device, strided (2D) and plain, and a graph's upload ahead of its first launch.
 
 A pool block holds every layer of its tokens (`[L, 2, block_size, H, D]`), so one layer of many blocks
 is a strided region: `Tensor.copy_` would stage it through pageable temporaries, where
@@ -62,6 +62,8 @@ class CudaDriver:
         self._copy.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         self._ctx_get = lib.cuCtxGetCurrent
         self._ctx_get.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        self._graph_upload = lib.cuGraphUpload
+        self._graph_upload.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self._bound = threading.local()
 
     @classmethod
@@ -106,6 +108,10 @@ class CudaDriver:
     def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """`nbytes` from pinned host memory at `src` to the device at `dst`."""
         self._check(self._copy(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
+
+    def upload_graph(self, graph_exec: int, stream: int) -> None:
+        """Puts an instantiated CUDA graph (a `cudaGraphExec_t`) on the device ahead of its first launch."""
+        self._check(self._graph_upload(graph_exec, stream), "cuGraphUpload")
 
     @staticmethod
     def _check(status: int, call: str) -> None:

@@ -39,6 +39,8 @@ class LayerGate:
         self._values = torch.arange(_RING, dtype=torch.int32).pin_memory()
         self._epoch = 0
         self._planned: list[tuple[list[list[tuple[int, int, int, int, int, int]]], torch.cuda.Stream]] = []
+        self._issuing: list[tuple[list[list[tuple[int, int, int, int, int, int]]], torch.cuda.Stream]] = []
+        self._next_layer = 0  # of `_issuing`: the first layer not issued yet
         # Loads were planned since the last prefill step launched: eager steps wait only then (the
         # prefill graphs always hold the waits).
         self.armed = False
@@ -61,25 +63,39 @@ class LayerGate:
 
     @property
     def has_planned(self) -> bool:
-        return bool(self._planned)
+        return bool(self._planned or self._issuing)
 
-    def start(self) -> None:
-        """Issues every planned load, one layer of all of them at a time, each layer followed by its
-        flag; then sets the current (compute) stream's target. The host waits for none of it."""
-        if not self._planned:
-            return
-        self.driver.bind(self.device)
-        self._epoch = self._epoch % (_RING - 1) + 1
+    def start(self, layers: int | None = None) -> None:
+        """Issues the planned loads, one layer of all of them at a time, each layer followed by its
+        flag, and sets the current (compute) stream's target. With `layers`, only the first that many
+        layers go now and the next call issues the rest: a step's graph can launch after layer 0's
+        copies instead of after all of them (issuing 32 layers took ~0.5 ms of host time on an H200's
+        host). The host waits for none of it."""
+        if self._planned:
+            if self._issuing:  # loads planned after a partial start: the earlier ones go out first
+                self._issue(None)
+            self.driver.bind(self.device)
+            self._epoch = self._epoch % (_RING - 1) + 1
+            self._issuing, self._planned = self._planned, []
+            self._next_layer = 0
+            self.target.fill_(self._epoch)
+        if self._issuing:
+            self._issue(layers)
+
+    def _issue(self, layers: int | None) -> None:
+        num_layers = self.flags.numel()
+        end = num_layers if layers is None else min(num_layers, self._next_layer + layers)
         value = self._values.data_ptr() + 4 * self._epoch
         flags = self.flags.data_ptr()
-        planned, self._planned = self._planned, []
-        stream = planned[0][1].cuda_stream
-        for layer in range(self.flags.numel()):
-            for per_layer, _ in planned:
+        stream = self._issuing[0][1].cuda_stream
+        for layer in range(self._next_layer, end):
+            for per_layer, _ in self._issuing:
                 for dst, dst_pitch, src, src_pitch, width, height in per_layer[layer]:
                     self.driver.copy_2d_to_device(dst, dst_pitch, src, src_pitch, width, height, stream)
             self.driver.copy_to_device(flags + 4 * layer, value, 4, stream)
-        self.target.fill_(self._epoch)
+        self._next_layer = end
+        if end == num_layers:
+            self._issuing = []
 
     def wait(self, layer: int) -> None:
         kernels.wait_layer(self.flags, self.target, layer)

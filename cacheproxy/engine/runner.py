@@ -126,8 +126,12 @@ class ModelRunner:
         hidden, sample_idx = self._forward(step)
         if not sample_idx:
             return LaunchedStep(step, None)
-        rows = torch.tensor(sample_idx, dtype=torch.long).to(hidden.device, non_blocking=True)
-        return LaunchedStep(step, self.model.compute_logits(hidden[rows]))
+        first, n = sample_idx[0], len(sample_idx)
+        if sample_idx == list(range(first, first + n)):  # one sequence, or a decode batch: a view, no upload
+            picked = hidden[first : first + n]
+        else:
+            picked = hidden[torch.tensor(sample_idx, dtype=torch.long).to(hidden.device, non_blocking=True)]
+        return LaunchedStep(step, self.model.compute_logits(picked))
 
     @torch.inference_mode()
     def collect(self, launched: LaunchedStep) -> StepResult:

@@ -67,6 +67,34 @@ def test_layered_load_puts_every_layer_of_every_block_in_place() -> None:
     assert (gate.flags == gate.target).all() and gate.target.item() > 0
 
 
+def test_a_partial_start_issues_its_first_layers_and_the_next_call_the_rest() -> None:
+    gate, pool, _, copies = _setup(2)
+    stream = torch.cuda.Stream()
+    gate.load(pool, copy_runs(copies), stream)
+    gate.start(1)
+    assert gate.has_planned
+    torch.cuda.synchronize()
+    for block, source in copies:
+        assert torch.equal(pool[block, 0].cpu(), source[0]), block
+        assert pool[block, 1:].isnan().all(), block
+    assert gate.flags[0] == gate.target and (gate.flags[1:] != gate.target).all()
+    later = [(40 + i, source) for i, (_, source) in enumerate(copies[:3])]
+    gate.load(pool, copy_runs(later), stream)  # planned before the rest went: the rest goes first
+    gate.start(2)
+    torch.cuda.synchronize()
+    for block, source in copies:
+        assert torch.equal(pool[block].cpu(), source), block
+    for block, source in later:
+        assert torch.equal(pool[block, :2].cpu(), source[:2]), block
+        assert pool[block, 2:].isnan().all(), block
+    gate.start()
+    assert not gate.has_planned
+    torch.cuda.synchronize()
+    for block, source in later:
+        assert torch.equal(pool[block].cpu(), source), block
+    assert (gate.flags == gate.target).all()
+
+
 @contextlib.contextmanager
 def _held_back_loads(
     gate: LayerGate, pool: torch.Tensor, copies: list[tuple[int, torch.Tensor]]
