@@ -338,3 +338,23 @@ def test_eager_prefill_steps_tell_attention_their_real_bounds(
     per_step = seen[::layers]
     assert seen == [b for b in per_step for _ in range(layers)]  # every layer of a step sees the same bounds
     assert per_step == [(64, 0), (64, 64), (22, 128)]  # chunks of 64 tokens: cold, then after 64 and 128 cached
+
+
+def test_a_sequences_int32_block_table_follows_every_change_of_its_list() -> None:
+    from cacheproxy.engine.sequence import Sequence
+
+    rng = random.Random(5)
+    seq = Sequence("r", [1, 2, 3], SamplingParams(), bytes(16))
+    assert seq.block_table_array().tolist() == []
+    for _ in range(300):
+        change = rng.choice(["extend", "extend", "set", "new", "shrink"])
+        if change == "extend":
+            seq.block_table.extend(rng.randrange(10**6) for _ in range(rng.randrange(1, 40)))
+        elif change == "set" and seq.block_table:
+            seq.set_block(rng.randrange(len(seq.block_table)), rng.randrange(10**6))
+        elif change == "new":
+            seq.block_table = [rng.randrange(10**6) for _ in range(rng.randrange(0, 50))]
+        elif change == "shrink":
+            del seq.block_table[rng.randrange(len(seq.block_table) + 1) :]
+        got = seq.block_table_array()
+        assert got.dtype.name == "int32" and got.tolist() == seq.block_table, change

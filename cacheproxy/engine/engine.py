@@ -386,7 +386,7 @@ class LLMEngine:
             if i >= len(seq.block_hashes):
                 seq.block_hashes.append(self.hasher.next_hash(parent, toks))
             ident = BlockIdentity(seq.block_hashes[i], parent, toks, i)
-            seq.block_table[i] = self.store.register(seq.block_table[i], ident)
+            seq.set_block(i, self.store.register(seq.block_table[i], ident))
         seq.num_registered = max(seq.num_registered, full)
 
     def _logprob(self, token: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:

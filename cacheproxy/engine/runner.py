@@ -65,10 +65,10 @@ class ModelRunner:
             seq = c.seq
             ids.extend(seq.token_ids(c.start, c.start + c.length))
             pos = np.arange(c.start, c.start + c.length, dtype=np.int64)
-            table = np.asarray(seq.block_table, dtype=np.int64)
+            table = seq.block_table_array()
             tables[i, : len(table)] = table
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            slots.append(table[pos // bs].astype(np.int64) * bs + pos % bs)
             cu.append(cu[-1] + c.length)
             if c.samples:
                 sample_idx.append(cu[-1] - 1)
