@@ -413,3 +413,48 @@ def test_copy_runs_join_cpu_tier_slots_that_follow_on_and_copy_what_their_views_
     for block, source in slots:
         by_view[block].copy_(source.slab[source.slot] if isinstance(source, SlabSlot) else source)
     assert torch.equal(by_run.nan_to_num(-1.0), by_view.nan_to_num(-1.0))
+
+
+def test_a_long_load_starts_copying_whole_blocks_after_the_first_batch_of_the_walk() -> None:
+    """With a layer gate, all but the last blocks of a load are copied whole as the walk finds them,
+    EARLY_COPY_BLOCKS at a time: the first batch goes once that many are walked, not after the tail's
+    worth, and the tail (plus what is left of the last batch) stays for the layer-by-layer copies."""
+    import torch
+
+    from cacheproxy.cache import tiered_store
+    from cacheproxy.cache.block_entry import BlockEntry
+    from cacheproxy.cache.cpu_tier import CpuTier
+    from cacheproxy.cache.hashing import BlockHasher, Namespace
+    from cacheproxy.engine.block_pool import BlockPool
+
+    bs, n = 4, 600
+    pool = BlockPool(torch.zeros(700, 1, 2, bs, 1, 2))
+    tier = CpuTier((1, 2, bs, 1, 2), torch.float32, 800 * pool.block_bytes, pin_memory=False)
+    store = tiered_store.TieredStore(pool, [tier])
+    hasher = BlockHasher(Namespace(b"m", "float32", bs), seed=2)
+    rng = random.Random(2)
+    ids = [rng.randrange(1000) for _ in range(n * bs)]
+    root, hashes = hasher.root(), hasher.hash_blocks(ids)
+    parent = root
+    for i, h in enumerate(hashes):
+        tier.put(BlockEntry(h, parent, tuple(ids[i * bs : (i + 1) * bs]), torch.randn(1, 2, bs, 1, 2)))
+        parent = h
+    # The CUDA path's bookkeeping without a device: a copy stream and a gate that only need to exist.
+    store.load_stream = object()  # type: ignore[assignment]
+    store.layer_gate = object()  # type: ignore[assignment]
+    batches: list[tuple[int, int]] = []  # (blocks registered so far, blocks issued) per batch
+
+    def issue(limit: int | None = None) -> None:
+        batches.append((len(pool.by_hash), len(store._pending_copies[:limit])))
+        del store._pending_copies[:limit]
+
+    left: list[int] = []
+    store._issue_copies = issue  # type: ignore[method-assign]
+    store._issue_admission_copies = lambda issued_early: left.append(len(store._pending_copies))  # type: ignore[method-assign]
+    match = store.match(root, hashes, ids, n)
+    assert len(match.blocks) == n and match.tokens_by_tier == {"cpu": n * bs}
+    step, tail = tiered_store.EARLY_COPY_BLOCKS, tiered_store.LAYERED_TAIL_BLOCKS
+    whole = (n - tail) // step
+    # a batch goes as its last block is queued, just before that block registers
+    assert batches == [(step * (k + 1) - 1, step) for k in range(whole)]
+    assert left == [n - whole * step]

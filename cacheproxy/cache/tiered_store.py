@@ -40,6 +40,10 @@ LAYERED_MAX_COPIES = 512
 # (~10-25 µs a block), which for a small model's small blocks takes longer than copying them.
 LAYERED_TAIL_BYTES = 512 << 20
 LAYERED_TAIL_BLOCKS = 256
+# Whole-block copies go out in batches of this many blocks while the walk goes on. The walk knows how many
+# blocks it will load (the pool blocks it allocated), so the first batch goes as soon as it is full; it used
+# to hold back the tail's worth first, which kept an 8k-token load from starting for 320 blocks of the walk.
+EARLY_COPY_BLOCKS = 64
 
 
 @dataclass(eq=False)
@@ -222,6 +226,10 @@ class TieredStore:
         tail = 0
         if self.layer_gate is not None:
             tail = max(64, min(LAYERED_TAIL_BYTES // pool.block_bytes, LAYERED_TAIL_BLOCKS))
+        # Blocks to copy whole as the walk finds them, EARLY_COPY_BLOCKS at a time: all but the tail of
+        # the blocks it expects to load (it may stop sooner; what is left pending joins the tail).
+        early = max(0, len(fresh) - tail)
+        pending = self._pending_copies
         parent = hashes[lead - 1] if lead else root
         now = time.time()
         # Where none of the rest is in the pool, the first tier (the CPU tier) reads it a run at a time.
@@ -239,8 +247,9 @@ class TieredStore:
                         h = hashes[i]
                         block = fresh.pop()
                         self._copy_in(block, SlabSlot(slab, slot), reader.name)
-                        if len(self._pending_copies) >= 64 + tail:
-                            self._issue_copies(64)  # the DMA starts while the rest of the chain is checked
+                        if len(pending) >= EARLY_COPY_BLOCKS and early >= EARLY_COPY_BLOCKS:
+                            self._issue_copies(EARLY_COPY_BLOCKS)  # the DMA starts while the walk goes on
+                            early -= EARLY_COPY_BLOCKS
                         pool.register(block, BlockIdentity.keyed(h, parent, toks, i, key))
                         blocks.append(block)
                         parent = h
@@ -263,8 +272,9 @@ class TieredStore:
                 source, tier_name = found
                 block = fresh.pop()
                 self._copy_in(block, source, tier_name)
-                if len(self._pending_copies) >= 64 + tail:
-                    self._issue_copies(64)  # the DMA starts while the rest of the chain is checked
+                if len(pending) >= EARLY_COPY_BLOCKS and early >= EARLY_COPY_BLOCKS:
+                    self._issue_copies(EARLY_COPY_BLOCKS)  # the DMA starts while the walk goes on
+                    early -= EARLY_COPY_BLOCKS
                 pool.register(block, BlockIdentity(h, parent, toks, i))
                 by_tier[tier_name] += bs
             blocks.append(block)
