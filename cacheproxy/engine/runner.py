@@ -13,7 +13,7 @@ from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.sampler import sample
 from cacheproxy.engine.scheduler import ScheduledStep
-from cacheproxy.engine.step_context import StepContext, set_context
+from cacheproxy.engine.step_context import StepContext, StepInputs, set_context
 
 
 @dataclass(slots=True)
@@ -52,7 +52,7 @@ class ModelRunner:
             self.model, max_batch, max_blocks, self.model.config.hidden_size, max_prefill_tokens, self.layer_gate
         )
 
-    def _prepare(self, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
+    def _host_inputs(self, step: ScheduledStep) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -72,45 +72,59 @@ class ModelRunner:
             cu.append(cu[-1] + c.length)
             if c.samples:
                 sample_idx.append(cu[-1] - 1)
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True)
-        pos_t = torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True)
-        ctx = StepContext(
+        return StepInputs(
             is_prefill=not step.is_decode_only,
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(tables).to(dev, non_blocking=True),
+            input_ids=np.asarray(ids, dtype=np.int64),
+            positions=np.concatenate(positions),
+            slot_mapping=np.concatenate(slots),
+            block_tables=tables,
+            starts=np.asarray([c.start for c in step.chunks], dtype=np.int32),
+            cu_seqlens=np.asarray(cu, dtype=np.int32),
+            sample_idx=sample_idx,
         )
-        starts = torch.tensor([c.start for c in step.chunks], dtype=torch.int32)
-        if ctx.is_prefill:
-            ctx.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True)
-            ctx.cached_lens = starts.to(dev, non_blocking=True)
-            ctx.max_query_len = max(c.length for c in step.chunks)
-            ctx.max_cached_len = max(c.start for c in step.chunks)
-            gate = self.layer_gate
-            if gate is not None and gate.armed:  # loads queued at admission: attention waits per layer
-                ctx.layer_gate = gate
-                gate.armed = False  # this step's waits cover them (the streams keep the order)
+
+    def _to_device(self, host: StepInputs) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        """The inputs of an eager step, as tensors on the device."""
+        dev = self.device
+
+        def up(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(dev, non_blocking=True)
+
+        ctx = StepContext(
+            is_prefill=host.is_prefill, slot_mapping=up(host.slot_mapping), block_tables=up(host.block_tables)
+        )
+        if host.is_prefill:
+            ctx.cu_seqlens_q = up(host.cu_seqlens)
+            ctx.cached_lens = up(host.starts)
+            ctx.max_query_len = int(np.diff(host.cu_seqlens).max())
+            ctx.max_cached_len = int(host.starts.max())
         else:
-            ctx.context_lens = (starts + 1).to(dev, non_blocking=True)
-        return input_ids, pos_t, ctx, sample_idx
+            ctx.context_lens = up(host.starts + 1)
+        return up(host.input_ids), up(host.positions), ctx
 
     def _forward(self, step: ScheduledStep) -> tuple[torch.Tensor, list[int]]:
-        input_ids, positions, ctx, sample_idx = self._prepare(step)
+        host = self._host_inputs(step)
+        gate = self.layer_gate
+        # Loads queued at admission: this step's attention waits for them layer by layer (the prefill
+        # graphs always hold the waits; an eager step only when armed). The streams keep the order.
+        waits = host.is_prefill and gate is not None and gate.armed
+        if waits:
+            assert gate is not None
+            gate.armed = False
         graphs = self.graphs
-        width = ctx.block_tables.shape[1]
-        if graphs is not None and not ctx.is_prefill and graphs.fits(len(step.chunks), width):
-            assert ctx.context_lens is not None
-            hidden = graphs.run(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.context_lens)
-            return hidden, sample_idx
-        if graphs is not None and ctx.is_prefill and graphs.fits_prefill(len(step.chunks), len(input_ids), width):
-            assert ctx.cached_lens is not None
-            hidden = graphs.run_prefill(input_ids, positions, ctx.slot_mapping, ctx.block_tables, ctx.cached_lens)
-            return hidden, sample_idx
-        if self.layer_gate is not None:
-            self.layer_gate.start()  # after the step's input copies, which would queue behind the loads
+        seqs, width = host.block_tables.shape
+        if graphs is not None and not host.is_prefill and graphs.fits(seqs, width):
+            return graphs.run(host), host.sample_idx
+        if graphs is not None and host.is_prefill and graphs.fits_prefill(seqs, len(host.input_ids), width):
+            return graphs.run_prefill(host), host.sample_idx
+        input_ids, positions, ctx = self._to_device(host)
+        if waits:
+            ctx.layer_gate = gate
+        if gate is not None:
+            gate.start()  # after the step's input copies, which would queue behind the loads
         set_context(ctx)
         try:
-            return self.model(input_ids, positions), sample_idx
+            return self.model(input_ids, positions), host.sample_idx
         finally:
             set_context(None)
 

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -31,6 +32,21 @@ class StepContext:
     layer_gate: LayerGate | None = None
     # decode only
     context_lens: torch.Tensor | None = None  # [B] int32: including the token of this step
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """A step's inputs on the host, before they go to the device: through one staging copy for a step
+    replayed from a CUDA graph, as tensors of a `StepContext` for an eager one."""
+
+    is_prefill: bool
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    block_tables: np.ndarray  # [B, max blocks of the step] int32
+    starts: np.ndarray  # [B] int32: tokens of each sequence already in the pool
+    cu_seqlens: np.ndarray  # [B+1] int32
+    sample_idx: list[int]  # rows of the step's output whose logits pick a token
 
 
 # Per thread: each engine steps on its own thread, and several engines may share a process.
