@@ -62,8 +62,9 @@ class CudaDriver:
         self._copy.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         self._ctx_get = lib.cuCtxGetCurrent
         self._ctx_get.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
-        self._graph_upload = lib.cuGraphUpload
-        self._graph_upload.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._graph_upload = getattr(lib, "cuGraphUpload", None)  # CUDA 11.1 on; the copies need no more
+        if self._graph_upload is not None:
+            self._graph_upload.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self._bound = threading.local()
 
     @classmethod
@@ -111,6 +112,8 @@ class CudaDriver:
 
     def upload_graph(self, graph_exec: int, stream: int) -> None:
         """Puts an instantiated CUDA graph (a `cudaGraphExec_t`) on the device ahead of its first launch."""
+        if self._graph_upload is None:
+            raise CudaDriverError("this CUDA driver has no cuGraphUpload")
         self._check(self._graph_upload(graph_exec, stream), "cuGraphUpload")
 
     @staticmethod

@@ -14,10 +14,13 @@ import math
 import numpy as np
 import torch
 
-from cacheproxy.cache.cuda_driver import CudaDriver
+from cacheproxy.cache.cuda_driver import CudaDriver, CudaDriverError
 from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.step_context import StepContext, StepInputs, set_context
+from cacheproxy.log import get_logger
+
+log = get_logger(__name__)
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -132,9 +135,12 @@ class StepGraphs:
         raw_exec = getattr(torch.cuda.CUDAGraph, "raw_cuda_graph_exec", None)  # torch >= 2.7
         if driver is not None and raw_exec is not None:
             stream = torch.cuda.current_stream()
-            driver.bind(stream.device)
-            for g in [*self.prefill_graphs.values(), *self.graphs.values()]:
-                driver.upload_graph(raw_exec(g), stream.cuda_stream)
+            try:
+                driver.bind(stream.device)
+                for g in [*self.prefill_graphs.values(), *self.graphs.values()]:
+                    driver.upload_graph(raw_exec(g), stream.cuda_stream)
+            except CudaDriverError as exc:  # only the first replays get slower: not worth failing the start
+                log.warning("cuda_graph_upload_failed", error=str(exc))
         torch.cuda.synchronize()
 
     def fits(self, batch: int, max_blocks: int) -> bool:
