@@ -37,6 +37,9 @@ class DecodeCase:
     context_lens: tuple[int, ...]
     num_splits: int | None = None  # None: the op chooses from the context length and batch
     prefetch_pages: bool = True  # False: launch directly with the tiling that loads block ids in-iteration
+    # Block-table columns past the longest context: a CUDA graph's table is as wide as the longest context
+    # the engine allows, and its split plan is made for that width.
+    spare_blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ DECODE_CASES = [
     DecodeCase("gqa4-d128-bs16-fp32-three-splits", torch.float32, 4, 1, 128, 16, (96, 5), num_splits=3),
     DecodeCase("gqa4-d64-bs16-fp16-one-split", torch.float16, 8, 2, 64, 16, (70, 9), num_splits=1),
     DecodeCase("gqa4-d64-bs16-fp16-no-prefetch", torch.float16, 8, 2, 64, 16, (70, 19, 33), prefetch_pages=False),
+    DecodeCase("gqa4-d64-bs16-fp16-graph-wide-table", torch.float16, 8, 2, 64, 16, (300, 40, 7), spare_blocks=60),
 ]
 PREFILL_CASES = [
     PrefillCase("gqa4-d64-bs16-fp16-mixed", torch.float16, 8, 2, 64, 16, (20, 5, 37), (0, 33, 50)),
@@ -106,21 +110,23 @@ def _pool(gen: torch.Generator, num_blocks: int, block_size: int, heads: int, di
     return torch.randn(num_blocks, NUM_LAYERS, 2, block_size, heads, dim, generator=gen).to(dtype)
 
 
-def _block_table(gen: torch.Generator, lens: tuple[int, ...], block_size: int, num_blocks: int) -> torch.Tensor:
-    """Scattered, distinct blocks per row, one spare column so the table is wider than any context."""
-    width = max(_cdiv(n, block_size) for n in lens) + 1
+def _block_table(
+    gen: torch.Generator, lens: tuple[int, ...], block_size: int, num_blocks: int, spare: int = 1
+) -> torch.Tensor:
+    """Scattered, distinct blocks per row, `spare` columns more than the longest context needs."""
+    width = max(_cdiv(n, block_size) for n in lens) + spare
     order = torch.randperm(num_blocks, generator=gen)
     return order[: len(lens) * width].view(len(lens), width).to(torch.int32)
 
 
 def decode_inputs(case: DecodeCase, gen: torch.Generator) -> dict[str, Any]:
     batch = len(case.context_lens)
-    width = max(_cdiv(n, case.block_size) for n in case.context_lens) + 1
+    width = max(_cdiv(n, case.block_size) for n in case.context_lens) + case.spare_blocks
     num_blocks = batch * width + 3
     return {
         "q": torch.randn(batch, case.num_q_heads, case.head_dim, generator=gen).to(case.dtype),
         "pool": _pool(gen, num_blocks, case.block_size, case.num_kv_heads, case.head_dim, case.dtype),
-        "block_table": _block_table(gen, case.context_lens, case.block_size, num_blocks),
+        "block_table": _block_table(gen, case.context_lens, case.block_size, num_blocks, case.spare_blocks),
         "context_lens": torch.tensor(case.context_lens, dtype=torch.int32),
         "scale": case.head_dim**-0.5,
         "num_splits": case.num_splits,
