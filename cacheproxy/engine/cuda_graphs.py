@@ -211,16 +211,24 @@ class StepGraphs:
 Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]
 
 
+def _spans(layout: Layout) -> list[tuple[int, int]]:
+    """(offset, bytes) of each entry of `layout`, each starting 16-byte aligned."""
+    spans, offset = [], 0
+    for _, dtype, shape in layout:
+        size = math.prod(shape) * dtype.itemsize
+        spans.append((offset, size))
+        offset += -(-size // 16) * 16
+    return spans
+
+
 def _layout_bytes(layout: Layout) -> int:
-    return sum(-(-math.prod(shape) * dtype.itemsize // 16) * 16 for _, dtype, shape in layout)
+    offset, size = _spans(layout)[-1]
+    return offset + size
 
 
 def _carve(buffer: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-    """Views of the byte tensor `buffer`, one per (name, dtype, shape) of `layout`, each 16-byte aligned."""
-    views: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, dtype, shape in layout:
-        size = math.prod(shape) * dtype.itemsize
-        views[name] = buffer[offset : offset + size].view(dtype).view(shape)
-        offset += -(-size // 16) * 16
-    return views
+    """Views of the byte tensor `buffer`, one per (name, dtype, shape) of `layout`."""
+    return {
+        name: buffer[offset : offset + size].view(dtype).view(shape)
+        for (name, dtype, shape), (offset, size) in zip(layout, _spans(layout), strict=True)
+    }
