@@ -733,7 +733,7 @@ def test_a_match_is_the_same_with_the_c_walk_and_the_python_loop(monkeypatch: py
             store, root, hashes, token_ids = _store_with_a_chain(seed)
             pool = store.pool
             before = list(pool.last_use)
-            match = store._match_now(root, hashes, token_ids)
+            match = store.match(root, hashes, token_ids, len(hashes))
             touched = [b for b in range(pool.num_blocks) if pool.last_use[b] != before[b]]
             identities = [None if i is None else (i.hash, i.parent, i.token_ids) for i in pool.identity]
             results.append(

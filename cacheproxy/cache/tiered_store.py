@@ -21,7 +21,7 @@ from cacheproxy.cache.cost_model import CostModel
 from cacheproxy.cache.cpu_tier import CpuTier
 from cacheproxy.cache.cuda_driver import independent_stream
 from cacheproxy.cache.disk_tier import DiskTier
-from cacheproxy.cache.fastpath import count_leading_in, int32_bytes, resident_prefix
+from cacheproxy.cache.fastpath import int32_bytes, resident_prefix
 from cacheproxy.cache.tier import KVTier
 from cacheproxy.config import Settings
 from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
@@ -143,8 +143,17 @@ class TieredStore:
         """
         bs = self.block_size
         hashes = hashes[:max_blocks]
-        # The common case, a run of pool blocks from the start, is counted in one call.
-        reach = count_leading_in(hashes, self.pool.by_hash)
+        pool = self.pool
+        if packed is None:
+            packed = int32_bytes(token_ids)
+        # The common case, a run of verified pool blocks from the start, is taken (acquired for the
+        # caller) in one call (C where built) that compares `packed`, the ids as int32-LE, with each
+        # block's identity key; the walks below start after it. Ids that do not pack leave the whole
+        # prefix to the block-by-block checks.
+        lead: list[int] = []
+        if packed is not None:
+            lead = resident_prefix(hashes, packed, root, bs, pool.by_hash, pool.identity, pool.ref_counts, pool.free)
+        reach = len(lead)
         first_lower = -1
         lower_tiers: list[str] = []
         resident_after_lower = False
@@ -175,34 +184,31 @@ class TieredStore:
             elif plan.recompute > 0 and self.pool.num_free >= reach - first_lower:
                 self.counters.plans["split"] += 1
                 return self._match_split(
-                    root, hashes[:reach], token_ids, first_lower, lower_tiers, plan.recompute, packed
+                    root, hashes[:reach], token_ids, first_lower, lower_tiers, plan.recompute, packed, lead
                 )
             else:
                 self.counters.plans["load"] += 1
         elif first_lower >= 0:
             self.counters.plans["load"] += 1
-        return self._match_now(root, hashes[:reach], token_ids, packed)
+        return self._match_now(root, hashes[:reach], token_ids, packed, lead)
 
     def _match_now(
-        self, root: bytes, hashes: list[bytes], token_ids: list[int], packed: bytes | None = None
+        self,
+        root: bytes,
+        hashes: list[bytes],
+        token_ids: list[int],
+        packed: bytes | None,
+        lead: list[int],
     ) -> PrefixMatch:
-        """Every block of `hashes` from wherever it is, lower tiers copied in now. The leading run of
-        verified pool blocks is taken in one call; then three passes over the rest, so that no
-        demotion runs while CPU-tier slots are being read: protect the pool's blocks of the chain,
-        allocate every block the lower-tier part needs, then verify and queue the copies."""
+        """Every block of `hashes` from wherever it is, lower tiers copied in now. `lead`: the
+        leading run of verified pool blocks, already acquired for the caller (which also protects
+        them from the allocations below). Then three passes over the rest, so that no demotion runs
+        while CPU-tier slots are being read: protect the pool's blocks of the chain, allocate every
+        block the lower-tier part needs, then verify and queue the copies."""
         bs = self.block_size
         pool = self.pool
         by_hash, identity, ref_counts, free = pool.by_hash, pool.identity, pool.ref_counts, pool.free
-        # The leading run of verified pool blocks, acquired for the caller, in one call (C where
-        # built): the common case is a whole prefix in the pool. Acquiring them first also protects
-        # them from the allocations below, as the pass over the rest does for its pool blocks.
-        # It compares bytes: `packed`, the ids as int32-LE, with each block's identity key. Ids that
-        # do not pack leave the whole prefix to the checks of the loop below.
-        if packed is None:
-            packed = int32_bytes(token_ids)
-        blocks = []
-        if packed is not None:
-            blocks = resident_prefix(hashes, packed, root, bs, by_hash, identity, ref_counts, free)
+        blocks = list(lead)
         by_tier: Counter[str] = Counter()
         if blocks:
             by_tier[GPU] = bs * len(blocks)
@@ -298,12 +304,13 @@ class TieredStore:
         first_lower: int,
         tiers: list[str],
         recompute: int,
-        packed: bytes | None = None,
+        packed: bytes | None,
+        lead: list[int],
     ) -> PrefixMatch:
-        """Blocks [0, first_lower) from the pool; the rest fresh, to be recomputed from the front by
-        the caller while `advance_loads` fills them from the back."""
+        """Blocks [0, first_lower) from the pool (`lead`, acquired, the first of them); the rest fresh,
+        to be recomputed from the front by the caller while `advance_loads` fills them from the back."""
         bs = self.block_size
-        gpu = self._match_now(root, hashes[:first_lower], token_ids, packed)
+        gpu = self._match_now(root, hashes[:first_lower], token_ids, packed, lead)
         if len(gpu.blocks) < first_lower:  # a pool block failed its check: the chain ends there
             return gpu
         blocks = list(gpu.blocks)
