@@ -97,6 +97,20 @@ def rotary(q, k, cos, sin, positions):  # type: ignore[no-untyped-def]
     return impl.rotary(q, k, cos, sin, positions)
 
 
+def rotary_and_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, *, wait=None):  # type: ignore[no-untyped-def]
+    """`rotary(q, k, ...)`, `write_kv` of the turned k and v, then with `wait` = (flags, target,
+    layer) `wait_layer`: one launch on CUDA where every dim turns and the cache holds q's dtype (two
+    kernel launches and their gaps fewer a layer), the three ops in turn elsewhere."""
+    if _use_fused(q) and _triton is not None and _fused.can_rotate_into_cache(q, cos, k_cache):
+        _triton.check_write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return _fused.rotary_and_write_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping, wait)
+    rotary(q, k, cos, sin, positions)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    if wait is not None:
+        wait_layer(*wait)
+    return None
+
+
 def silu_and_mul(gate_up, *, out=None):  # type: ignore[no-untyped-def]
     """[T, 2I] (gate, then up) -> silu(gate) * up [T, I]."""
     impl = _fused if _use_fused(gate_up) else reference
@@ -104,6 +118,6 @@ def silu_and_mul(gate_up, *, out=None):  # type: ignore[no-untyped-def]
 
 
 __all__ = [
-    "copy_blocks", "paged_decode", "prefix_prefill", "reference", "rms_norm", "rotary", "silu_and_mul", "warm_up",
-    "write_kv",
+    "copy_blocks", "paged_decode", "prefix_prefill", "reference", "rms_norm", "rotary", "rotary_and_write_kv",
+    "silu_and_mul", "wait_layer", "warm_up", "write_kv",
 ]  # fmt: skip

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["rms_norm", "rotary", "silu_and_mul"]
+from kernels.triton_kv_movement import WAIT_MAX_POLLS, launch_wait_layer
+
+__all__ = ["can_rotate_into_cache", "rms_norm", "rotary", "rotary_and_write_kv", "silu_and_mul"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -142,10 +144,13 @@ def rms_norm(
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr,
-    num_q_heads, num_heads, half,
-    sq0, sq1, sk0, sk1, s_table,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,
+    k_cache_ptr, v_cache_ptr, slot_ptr, flags_ptr, target_ptr, layer,
+    num_q_heads, num_kv_heads, num_heads, half,
+    sq0, sq1, sk0, sk1, sv0, sv1, s_table,
+    skcb, skct, skch, svcb, svct, svch,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    STORE_KV: tl.constexpr, WAIT: tl.constexpr, MAX_POLLS: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -154,11 +159,13 @@ def _rotary_kernel(
     pos = tl.load(pos_ptr + token).to(tl.int64)
     cos = tl.load(cos_ptr + pos * s_table + dims, mask=dim_ok, other=0.0)
     sin = tl.load(sin_ptr + pos * s_table + dims, mask=dim_ok, other=0.0)
-    # One tile spans q's heads then k's: head h < num_q_heads is q's, the rest k's.
+    # One tile spans q's heads, then k's, then (STORE_KV) v's, which only move to the cache.
     is_q = heads < num_q_heads
+    is_k = (heads >= num_q_heads) & (heads < num_q_heads + num_kv_heads)
     q_off = token * sq0 + heads.to(tl.int64) * sq1
     k_off = token * sk0 + (heads - num_q_heads).to(tl.int64) * sk1
-    base = tl.where(is_q, q_ptr + q_off, k_ptr + k_off)
+    v_off = token * sv0 + (heads - num_q_heads - num_kv_heads).to(tl.int64) * sv1
+    base = tl.where(is_q, q_ptr + q_off, tl.where(is_k, k_ptr + k_off, v_ptr + v_off))
     mask = (heads < num_heads)[:, None] & dim_ok[None, :]
     ptr1 = base[:, None] + dims[None, :]
     ptr2 = ptr1 + half
@@ -172,18 +179,35 @@ def _rotary_kernel(
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     ac, bs = (a * c).to(dtype).to(tl.float32), (b * s).to(dtype).to(tl.float32)
     bc, as_ = (b * c).to(dtype).to(tl.float32), (a * s).to(dtype).to(tl.float32)
-    tl.store(ptr1, (ac - bs).to(dtype), mask=mask)
-    tl.store(ptr2, (bc + as_).to(dtype), mask=mask)
+    turned1, turned2 = (ac - bs).to(dtype), (bc + as_).to(dtype)
+    turns = (is_q | is_k)[:, None]
+    tl.store(ptr1, turned1, mask=mask & turns)
+    tl.store(ptr2, turned2, mask=mask & turns)
+    if STORE_KV:
+        # The turned k and the untouched v into the token's slot; slot -1 (a padding token) skips.
+        # (Broadcast first: the interpreter rejects a mask built from a scalar comparison.)
+        slot = tl.load(slot_ptr + token).to(tl.int64) + tl.zeros([BLOCK_H], tl.int64)
+        page, offset = slot // PAGE_SIZE, slot % PAGE_SIZE
+        k_dst = k_cache_ptr + page * skcb + offset * skct + (heads - num_q_heads).to(tl.int64) * skch
+        v_dst = v_cache_ptr + page * svcb + offset * svct + (heads - num_q_heads - num_kv_heads).to(tl.int64) * svch
+        dst = tl.where(is_k, k_dst, v_dst)[:, None] + dims[None, :]
+        cached = mask & ((~is_q) & (slot >= 0))[:, None]
+        tl.store(dst, tl.where(turns, turned1, x1), mask=cached)
+        tl.store(dst + half, tl.where(turns, turned2, x2), mask=cached)
+    if WAIT:  # noqa: SIM102 - a compile-time branch around a run-time one
+        # One program holds the launch until layer `layer`'s loads have landed (`LayerGate`), so the
+        # attention launched after it reads them: the separate wait kernel, folded in.
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            target = tl.load(target_ptr, volatile=True)
+            polls = 0
+            while (tl.load(flags_ptr + layer, volatile=True) != target) & (polls < MAX_POLLS):
+                polls += 1
 
 
-def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half form) at `positions` [T].
-
-    cos/sin: float32 tables [max_positions, R/2] of the rotary dimensions R <= D; the first R of
-    each head's D dims turn, the rest stay. Returns (q, k)."""
-    op = "rotary"
+def _check_rotary(
+    op: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+) -> int:
+    """Validates rotary's arguments; returns half the rotary dims."""
     _check_tensor(op, "q", q)
     _check_tensor(op, "k", k, q.dtype)
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
@@ -205,20 +229,89 @@ def rotary(
             op,
             f"positions must be int32/int64 [{q.shape[0]}], got {positions.dtype} {tuple(positions.shape)}",
         )
+    return half
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half form) at `positions` [T].
+
+    cos/sin: float32 tables [max_positions, R/2] of the rotary dimensions R <= D; the first R of
+    each head's D dims turn, the rest stay. Returns (q, k)."""
+    op = "rotary"
+    half = _check_rotary(op, q, k, cos, sin, positions)
     _check_device(op, q, k, cos, sin, positions)
-    T, num_q_heads, num_heads = q.shape[0], q.shape[1], q.shape[1] + k.shape[1]
+    _launch_rotary(q, k, cos, sin, positions, half)
+    return q, k
+
+
+def can_rotate_into_cache(q: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `rotary_and_write_kv` can run as one launch: every dim turns (a tile then covers whole
+    heads) and the cache holds q's dtype. Else the caller runs the ops apart."""
+    return q.dim() == 3 and 2 * cos.shape[-1] == q.shape[-1] and k_cache.dtype == q.dtype
+
+
+def rotary_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    wait: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> None:
+    """`rotary(q, k)`, then the turned k and v into their slots (as `write_kv`), then with `wait`
+    (flags, target, layer) the stream held until `flags[layer] == target[0]` (as `wait_layer`): one
+    launch. The caller has run `write_kv`'s checks of the cache side and `can_rotate_into_cache`."""
+    op = "rotary_and_write_kv"
+    half = _check_rotary(op, q, k, cos, sin, positions)
+    _check_tensor(op, "v", v, q.dtype)
+    if tuple(v.shape) != tuple(k.shape):
+        _fail(op, f"v must be shaped like k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not can_rotate_into_cache(q, cos, k_cache):
+        _fail(op, "one launch needs every dim rotated and a cache of q's dtype")
+    _check_device(op, q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+    _launch_rotary(q, k, cos, sin, positions, half, (v, k_cache, v_cache, slot_mapping), wait)
+
+
+def _launch_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    half: int,
+    kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    wait: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    max_polls: int = WAIT_MAX_POLLS,
+) -> None:
+    T, num_q_heads, num_kv_heads = q.shape[0], q.shape[1], k.shape[1]
+    num_heads = num_q_heads + num_kv_heads * (2 if kv is not None else 1)
     if T == 0 or half == 0:
-        return q, k
+        # Nothing to turn or store (a full-rotary store has half > 0), but a wait still holds the stream.
+        if wait is not None:
+            launch_wait_layer(*wait, max_polls)
+        return
+    v, k_cache, v_cache, slots = kv if kv is not None else (k, k, k, positions)
+    flags, target, layer = wait if wait is not None else (positions, positions, 0)
     block_half = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(num_heads), max(1, 1024 // block_half))
     _rotary_kernel[(T, triton.cdiv(num_heads, block_h))](
-        q, k, cos, sin, positions,
-        num_q_heads, num_heads, half,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=4,
+        q, k, v, cos, sin, positions,
+        k_cache, v_cache, slots, flags, target, layer,
+        num_q_heads, num_kv_heads, num_heads, half,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        *(k_cache.stride()[:3] if kv is not None else (0, 0, 0)),
+        *(v_cache.stride()[:3] if kv is not None else (0, 0, 0)),
+        BLOCK_H=block_h, BLOCK_HALF=block_half, PAGE_SIZE=k_cache.shape[1] if kv is not None else 1,
+        STORE_KV=kv is not None, WAIT=wait is not None, MAX_POLLS=max_polls,
+        num_warps=4,
         enable_fp_fusion=False,  # no fused multiply-add: each product is rounded, as in the reference
     )  # fmt: skip
-    return q, k
 
 
 @triton.jit

@@ -285,6 +285,14 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """k/v[T,Hkv,D] go to slots slot_mapping[T] (slot = block * block_size + offset); -1 skips."""
+    check_write_kv(k, v, k_cache, v_cache, slot_mapping)
+    launch_write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def check_write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """`write_kv`'s checks (also those of the fused rotary-and-write: `kernels.rotary_and_write_kv`)."""
     op = "write_kv"
     _check_kv_cache(op, k_cache, v_cache)
     expected = (k.shape[0] if k.dim() == 3 else -1, k_cache.shape[2], k_cache.shape[3])
@@ -299,7 +307,6 @@ def write_kv(
     if slot_mapping.shape[0] != k.shape[0]:
         _fail(op, f"slot_mapping must be [num_tokens] = ({k.shape[0]},), got {tuple(slot_mapping.shape)}")
     _check_device(op, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
-    launch_write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def _is_block_contiguous(t: torch.Tensor) -> bool:

@@ -79,13 +79,19 @@ ROTARY_CASES = [
     RotaryCase("rot-fp32-T5-partial-d64-r32", torch.float32, 5, 4, 2, 64, 32),
     RotaryCase("rot-fp16-T3-partial-d96-r48", torch.float16, 3, 6, 3, 96, 48, positions_dtype=torch.int32),
 ]
+# Rotary into the cache (`rotary_and_write_kv`): full-rotary shapes only (the one-launch form).
+ROTARY_KV_CASES = [
+    RotaryCase("rotkv-fp16-T9-gqa4-d64", torch.float16, 9, 8, 2, 64, 64),
+    RotaryCase("rotkv-fp32-T5-gqa1-d128", torch.float32, 5, 3, 3, 128, 128, positions_dtype=torch.int32),
+    RotaryCase("rotkv-fp16-T13-gqa8-d80", torch.float16, 13, 16, 2, 80, 80),
+]
 SILU_CASES = [
     SiluCase("silu-fp16-T1-i300", torch.float16, 1, 300),
     SiluCase("silu-fp32-T9-i1000", torch.float32, 9, 1000),
     SiluCase("silu-fp16-T4-i1500", torch.float16, 4, 1500),
     SiluCase("silu-fp32-T3-i2049", torch.float32, 3, 2049),
 ]
-EMPTY_CASES = ["norm-empty", "rot-empty", "silu-empty"]
+EMPTY_CASES = ["norm-empty", "rot-empty", "silu-empty", "rotkv-empty"]
 
 
 def norm_inputs(case: NormCase, gen: torch.Generator) -> dict[str, Any]:
@@ -116,6 +122,23 @@ def rotary_inputs(case: RotaryCase, gen: torch.Generator) -> dict[str, Any]:
     return {"qkv": qkv, "heads": (hq, hkv, d), "cos": freqs.cos(), "sin": freqs.sin(), "positions": positions}
 
 
+def rotary_kv_inputs(case: RotaryCase, gen: torch.Generator, wait: bool) -> dict[str, Any]:
+    """Rotary inputs plus a random pool [blocks, 2, block_size, Hkv, D] (page-first, K then V), distinct
+    slots with some -1 (padding tokens) and, with `wait`, landed layer flags."""
+    inputs = rotary_inputs(case, gen)
+    block_size, blocks = 4, case.tokens // 2 + 3
+    inputs["pool"] = torch.randn(blocks, 2, block_size, case.num_kv_heads, case.head_dim, generator=gen).to(case.dtype)
+    slots = torch.randperm(blocks * block_size, generator=gen)[: case.tokens]
+    slots[torch.rand(case.tokens, generator=gen) < 0.25] = -1
+    inputs["slot_mapping"] = slots.to(torch.int32 if case.tokens % 2 else torch.int64)
+    layer = int(torch.randint(0, 3, (1,), generator=gen))
+    target = torch.tensor([int(torch.randint(1, 1000, (1,), generator=gen))], dtype=torch.int32)
+    flags = torch.zeros(3, dtype=torch.int32)
+    flags[layer] = target
+    inputs["wait"] = (flags, target, layer) if wait else None
+    return inputs
+
+
 def silu_inputs(case: SiluCase, gen: torch.Generator) -> dict[str, Any]:
     return {"gate_up": (torch.randn(case.tokens, 2 * case.intermediate, generator=gen) * 4).to(case.dtype)}
 
@@ -124,6 +147,11 @@ def split_qkv(qkv: torch.Tensor, heads: tuple[int, int, int]) -> tuple[torch.Ten
     hq, hkv, d = heads
     T = qkv.shape[0]
     return qkv[:, : hq * d].view(T, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(T, hkv, d)
+
+
+def split_v(qkv: torch.Tensor, heads: tuple[int, int, int]) -> torch.Tensor:
+    hq, hkv, d = heads
+    return qkv[:, (hq + hkv) * d : (hq + 2 * hkv) * d].view(qkv.shape[0], hkv, d)
 
 
 def run_op(ops: Any, op: str, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -144,6 +172,17 @@ def run_op(ops: Any, op: str, inputs: dict[str, Any]) -> dict[str, torch.Tensor]
         q, k = split_qkv(qkv, inputs["heads"])
         ops.rotary(q, k, inputs["cos"], inputs["sin"], inputs["positions"])
         return {"qkv": qkv}
+    if op == "rotary_kv":
+        qkv, pool = inputs["qkv"].clone(), inputs["pool"].clone()
+        q, k = split_qkv(qkv, inputs["heads"])
+        v = split_v(qkv, inputs["heads"])
+        args = (q, k, v, inputs["cos"], inputs["sin"], inputs["positions"], pool[:, 0], pool[:, 1], inputs["slot_mapping"])
+        if ops is reference:  # the twins' way: the three ops in turn
+            ops.rotary(*args[:2], *args[3:6])
+            ops.write_kv(k, v, *args[6:])
+        else:
+            ops.rotary_and_write_kv(*args, inputs["wait"])
+        return {"qkv": qkv, "pool": pool}
     if op == "silu_and_mul":
         gate_up = inputs["gate_up"]
         out = torch.full((gate_up.shape[0], gate_up.shape[1] // 2), float("nan"), dtype=gate_up.dtype)
@@ -220,11 +259,14 @@ def cases(seed: int) -> dict[str, tuple[str, dict[str, Any]]]:
         built[c.name] = ("rms_norm", norm_inputs(c, gen))
     for c in ROTARY_CASES:
         built[c.name] = ("rotary", rotary_inputs(c, gen))
+    for i, c in enumerate(ROTARY_KV_CASES):
+        built[c.name] = ("rotary_kv", rotary_kv_inputs(c, gen, wait=i % 2 == 0))
     for c in SILU_CASES:
         built[c.name] = ("silu_and_mul", silu_inputs(c, gen))
     built["norm-empty"] = ("rms_norm", norm_inputs(NormCase("", torch.float16, 0, 96, True), gen))
     built["rot-empty"] = ("rotary", rotary_inputs(RotaryCase("", torch.float16, 0, 4, 2, 64, 64), gen))
     built["silu-empty"] = ("silu_and_mul", silu_inputs(SiluCase("", torch.float16, 0, 300), gen))
+    built["rotkv-empty"] = ("rotary_kv", rotary_kv_inputs(RotaryCase("", torch.float16, 0, 4, 2, 64, 64), gen, True))
     return built
 
 
@@ -277,6 +319,45 @@ def test_rotary_matches_float64_and_touches_nothing_else(
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", ROTARY_KV_CASES, ids=lambda c: c.name)
+def test_rotary_and_write_kv_turns_q_k_and_fills_exactly_the_mapped_slots(
+    case: RotaryCase, implementation: str, cases, interpreted, seed: int
+) -> None:
+    inputs, got = _results(cases, interpreted, case.name, implementation)
+    expected = rotary_oracle(inputs)
+    hq, hkv, d = inputs["heads"]
+    turned = (hq + hkv) * d
+    what = f"{implementation} {case.name}"
+    assert_close(got["qkv"][:, :turned], expected[:, :turned], case.dtype, seed, what)
+    assert torch.equal(got["qkv"][:, turned:], inputs["qkv"][:, turned:]), f"{what}: v or the spare columns moved"
+    # The cache: the turned k and the v of each mapped token in its slot; every other slot as it was.
+    pool, before = got["pool"], inputs["pool"]
+    block_size = pool.shape[2]
+    written = torch.zeros(pool.shape[0] * block_size, dtype=torch.bool)
+    k_turned = split_qkv(expected, inputs["heads"])[1]
+    v = split_v(inputs["qkv"], inputs["heads"])
+    for t, slot in enumerate(inputs["slot_mapping"].tolist()):
+        if slot < 0:
+            continue
+        written[slot] = True
+        blk, off = divmod(slot, block_size)
+        assert_close(pool[blk, 0, off], k_turned[t], case.dtype, seed, f"{what}: k of token {t}")
+        assert torch.equal(pool[blk, 1, off], v[t]), f"{what}: v of token {t} (seed {seed})"
+    untouched = ~written.view(pool.shape[0], block_size)
+    assert torch.equal(pool.transpose(1, 2)[untouched], before.transpose(1, 2)[untouched]), f"{what}: other slots"
+
+
+@pytest.mark.parametrize("name", [c.name for c in ROTARY_KV_CASES if c.dtype == torch.float16])
+def test_rotary_and_write_kv_rounds_like_the_ops_in_turn(name: str, cases, interpreted) -> None:
+    op, inputs = cases[name]
+    twin = run_op(reference, op, inputs)
+    for key, value in twin.items():
+        got = interpreted[name][key]
+        ulp = 2 * torch.finfo(torch.float16).eps * value.double().abs().clamp_min(2**-14)
+        assert ((got.double() - value.double()).abs() <= ulp).all(), f"{name}: {key} differs from the ops in turn"
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", SILU_CASES, ids=lambda c: c.name)
 def test_silu_and_mul_matches_float64(
     case: SiluCase, implementation: str, cases, interpreted, seed: int
@@ -302,7 +383,10 @@ def test_triton_rounds_like_its_twin_in_half_precision(name: str, cases, interpr
 @pytest.mark.parametrize("name", EMPTY_CASES)
 def test_no_tokens_is_a_no_op(name: str, cases, interpreted) -> None:
     for key, value in interpreted[name].items():
-        assert value.shape[0] == 0, key
+        if key == "pool":  # the cache is there with no tokens: nothing written to it
+            assert torch.equal(value, cases[name][1]["pool"])
+        else:
+            assert value.shape[0] == 0, key
 
 
 def test_dispatch_uses_the_twins_off_cuda() -> None:
@@ -318,6 +402,12 @@ def test_dispatch_uses_the_twins_off_cuda() -> None:
     kernels.rotary(q, k, table, table, pos)
     reference.rotary(q2, k2, table, table, pos)
     assert torch.equal(q, q2) and torch.equal(k, k2)
+    v, pool, slots = torch.randn(3, 2, 16, generator=gen), torch.randn(4, 2, 4, 2, 16, generator=gen), torch.tensor([5, -1, 0])
+    pool2, flags = pool.clone(), torch.ones(2, dtype=torch.int32)
+    kernels.rotary_and_write_kv(q, k, v, table, table, pos, pool[:, 0], pool[:, 1], slots, wait=(flags, flags[:1], 1))
+    reference.rotary(q2, k2, table, table, pos)
+    reference.write_kv(k2, v, pool2[:, 0], pool2[:, 1], slots)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(pool, pool2)
 
 
 def test_ops_refuse_cpu_tensors_outside_the_interpreter() -> None:

@@ -98,7 +98,11 @@ class LayerGate:
             self._issuing = []
 
     def wait(self, layer: int) -> None:
-        kernels.wait_layer(self.flags, self.target, layer)
+        kernels.wait_layer(*self.wait_args(layer))
+
+    def wait_args(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What a kernel that waits for layer `layer` itself takes (`kernels.rotary_and_write_kv`)."""
+        return self.flags, self.target, layer
 
 
 def layer_copies(

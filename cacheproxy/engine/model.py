@@ -81,12 +81,15 @@ class Attention(nn.Module):
         v = qkv[:, q_width + kv_width :].view(T, self.num_kv_heads, d)
         if self.qk_norm:  # Qwen3: per-head norm before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
-        rotary_emb(q, k, positions)
         ctx = get_context()
-        kernels.write_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        # A prefill's cached K/V of this layer may still be on their way: the launch that turns q
+        # and k and stores the new K/V also waits for them.
+        gate = ctx.layer_gate if ctx.is_prefill else None
+        rotary_emb.rotate_and_store(
+            q, k, v, positions, self.k_cache, self.v_cache, ctx.slot_mapping,
+            None if gate is None else gate.wait_args(self.layer_idx),
+        )  # fmt: skip
         if ctx.is_prefill:
-            if ctx.layer_gate is not None:  # this layer's cached K/V may still be on their way
-                ctx.layer_gate.wait(self.layer_idx)
             o = kernels.prefix_prefill(
                 q, k, v, self.k_cache, self.v_cache, ctx.block_tables,
                 ctx.cu_seqlens_q, ctx.cached_lens, self.scale,

@@ -49,3 +49,20 @@ class RotaryEmbedding(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D] and k [T, Hkv, D] turned in place, in their dtype (the reference's rounding)."""
         return kernels.rotary(q, k, self.cos, self.sin, positions)
+
+    def rotate_and_store(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        wait: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    ) -> None:
+        """`forward`, then the turned k and v into their cache slots, then with `wait` the stream
+        held for a layer's loads (`LayerGate.wait_args`): one launch on CUDA."""
+        kernels.rotary_and_write_kv(
+            q, k, v, self.cos, self.sin, positions, k_cache, v_cache, slot_mapping, wait=wait
+        )

@@ -212,3 +212,62 @@ def test_the_fused_ops_replay_in_a_cuda_graph(gen: Any) -> None:
     _assert_rotary_close(qkv, twin_qkv, before_rotary, seed)
     _assert_within_two_ulps(normed, twin_normed, seed, "graph rms_norm")
     _assert_within_two_ulps(act, twin_act, seed, "graph silu_and_mul")
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_and_write_kv_is_rotary_then_write_kv_in_one_launch(dtype: torch.dtype, tokens: int, gen: Any) -> None:
+    """q and k turned as `rotary` turns them, the turned k and v in their slots (padding tokens' -1
+    skipped), nothing else in the pool touched, the landed wait passed; also from a CUDA graph."""
+    from kernels import triton_ops
+
+    g, seed = gen
+    head_dim, block_size = 128, 16
+    cos, sin = _tables(head_dim)
+    qkv = _randn(g, tokens, (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * head_dim, dtype=dtype)
+    positions = torch.randint(0, MAX_POSITIONS, (tokens,), device="cuda", generator=g, dtype=torch.int64)
+    blocks = tokens // block_size + 5
+    pool = _randn(g, blocks, 2, 2, block_size, NUM_KV_HEADS, head_dim, dtype=dtype)  # [blocks, layers, K/V, ...]
+    slots = torch.randperm(blocks * block_size, device="cuda", generator=g)[:tokens]
+    slots[torch.rand(tokens, device="cuda", generator=g) < 0.2] = -1
+    slots = slots.to(torch.int32)
+    flags, target = torch.full((4,), 7, device="cuda", dtype=torch.int32), torch.full((1,), 7, device="cuda", dtype=torch.int32)
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = t[:, : NUM_Q_HEADS * head_dim].view(tokens, NUM_Q_HEADS, head_dim)
+        rest = t[:, NUM_Q_HEADS * head_dim :].view(tokens, 2 * NUM_KV_HEADS, head_dim)
+        return q, rest[:, :NUM_KV_HEADS], rest[:, NUM_KV_HEADS:]
+
+    def ours(t: torch.Tensor, p: torch.Tensor) -> None:
+        triton_fused.rotary_and_write_kv(*split(t), cos, sin, positions, p[:, 1, 0], p[:, 1, 1], slots, (flags, target, 3))
+
+    twin_qkv, twin_pool = qkv.clone(), pool.clone()
+    q, k, v = split(twin_qkv)
+    reference.rotary(q, k, cos, sin, positions)
+    triton_ops.write_kv(k, v, twin_pool[:, 1, 0], twin_pool[:, 1, 1], slots)
+
+    eager_qkv, eager_pool = qkv.clone(), pool.clone()
+    ours(eager_qkv, eager_pool)
+    graph_qkv, graph_pool = qkv.clone(), pool.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours(graph_qkv, graph_pool)
+    graph_qkv.copy_(qkv)
+    graph_pool.copy_(pool)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got_qkv, got_pool, how in ((eager_qkv, eager_pool, "eager"), (graph_qkv, graph_pool, "graph")):
+        _assert_rotary_close(got_qkv, twin_qkv, qkv, seed)
+        assert torch.equal(got_qkv[:, (NUM_Q_HEADS + NUM_KV_HEADS) * head_dim :], qkv[:, (NUM_Q_HEADS + NUM_KV_HEADS) * head_dim :]), how
+        # Each mapped slot holds that token's turned k (as left in place) and its v, bit for bit; every
+        # other slot, and the other layer, is as it was.
+        mapped = slots >= 0
+        rows = slots[mapped].long()
+        k_slots, v_slots = got_pool[:, 1, 0].flatten(0, 1), got_pool[:, 1, 1].flatten(0, 1)
+        assert torch.equal(k_slots[rows], split(got_qkv)[1][mapped]), f"{how}: k slots (seed {seed})"
+        assert torch.equal(v_slots[rows], split(qkv)[2][mapped]), f"{how}: v slots (seed {seed})"
+        others = torch.ones(blocks * block_size, dtype=torch.bool, device="cuda")
+        others[rows] = False
+        for kv in (0, 1):
+            assert torch.equal(got_pool[:, 1, kv].flatten(0, 1)[others], pool[:, 1, kv].flatten(0, 1)[others]), how
+        assert torch.equal(got_pool[:, 0], pool[:, 0]), f"{how}: another layer was written (seed {seed})"
