@@ -142,7 +142,8 @@ def rms_norm(
     return out if residual is None else (out, residual)
 
 
-@triton.jit
+# `layer` changes from call to call: specialising on it (== 1, multiple of 16) would compile variants.
+@triton.jit(do_not_specialize=["layer"])
 def _rotary_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,
     k_cache_ptr, v_cache_ptr, slot_ptr, flags_ptr, target_ptr, layer,

@@ -458,3 +458,41 @@ def test_a_long_load_starts_copying_whole_blocks_after_the_first_batch_of_the_wa
     # a batch goes as its last block is queued, just before that block registers
     assert batches == [(step * (k + 1) - 1, step) for k in range(whole)]
     assert left == [n - whole * step]
+
+
+def test_a_match_that_fails_past_the_pool_gives_its_pool_blocks_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`match` acquires the pool's leading run before it asks the lower tiers how far they reach; a tier
+    that raises there (a disk error, say) must not leave those blocks held by nobody."""
+    import torch
+
+    from cacheproxy.cache import tiered_store
+    from cacheproxy.cache.cpu_tier import CpuTier
+    from cacheproxy.cache.hashing import BlockHasher, Namespace
+    from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
+
+    bs, n = 4, 10
+    pool = BlockPool(torch.zeros(32, 1, 2, bs, 1, 2))
+    tier = CpuTier((1, 2, bs, 1, 2), torch.float32, 16 * pool.block_bytes, pin_memory=False)
+    store = tiered_store.TieredStore(pool, [tier])
+    hasher = BlockHasher(Namespace(b"m", "float32", bs), seed=5)
+    rng = random.Random(5)
+    ids = [rng.randrange(1000) for _ in range(n * bs + 1)]
+    root, hashes = hasher.root(), hasher.hash_blocks(ids)
+    parent = root
+    for i, h in enumerate(hashes[:6]):  # the first six blocks cached in the pool, unreferenced
+        block = pool.allocate()
+        pool.register(block, BlockIdentity(h, parent, tuple(ids[i * bs : (i + 1) * bs]), i))
+        pool.release(block)
+        parent = h
+    counts, free = list(pool.ref_counts), list(pool.free)
+
+    def broken(block_hash: bytes) -> bool:
+        raise OSError("the tier's storage failed")
+
+    monkeypatch.setattr(tier, "contains", broken)
+    with pytest.raises(OSError, match="storage failed"):
+        store.match(root, hashes, ids, n)
+    assert pool.ref_counts == counts and list(pool.free) == free
+    monkeypatch.undo()
+    match = store.match(root, hashes, ids, n)  # and the store works on
+    assert len(match.blocks) == 6 and match.tokens_by_tier == {"gpu": 6 * bs}

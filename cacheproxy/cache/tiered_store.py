@@ -153,6 +153,17 @@ class TieredStore:
         lead: list[int] = []
         if packed is not None:
             lead = resident_prefix(hashes, packed, root, bs, pool.by_hash, pool.identity, pool.ref_counts, pool.free)
+        try:
+            return self._match_beyond(root, hashes, token_ids, packed, lead)
+        except BaseException:
+            pool.release_many(lead)  # acquired for a caller that gets no match
+            raise
+
+    def _match_beyond(
+        self, root: bytes, hashes: list[bytes], token_ids: list[int], packed: bytes | None, lead: list[int]
+    ) -> PrefixMatch:
+        """`match` past the pool's verified leading run `lead`: how far the lower tiers reach, the plan."""
+        bs = self.block_size
         reach = len(lead)
         first_lower = -1
         lower_tiers: list[str] = []
