@@ -3,9 +3,9 @@
 One device call: 64 new tokens after a shared prefix of 2k/8k/32k tokens, cold and with the prefix
 in the GPU pool (the median of five hits), the CPU tier and the disk tier, next to Hugging Face
 transformers (full prefill, and its own prefix reuse with DynamicCache) on the same weights; then
-decode tokens/s at batch 1 and 32 after 8k of context against the weight-read floor. Cold prefills on both sides are the best
-of three runs after a warm-up (each of ours a fresh prompt), with every run printed. Prints a
-markdown table and writes JSON to $OUT/bench_ttft.json when OUT is set.
+decode tokens/s at batch 1 and 32 after 8k of context against the weight-read floor. Cold prefills
+on both sides are the best of three runs after a warm-up (each of ours a fresh prompt), with every
+run printed. Prints a markdown table and writes JSON to $OUT/bench_ttft.json when OUT is set.
 
     python scripts/bench_ttft.py [--lengths 2048 8192 32768] [--skip-hf]
 """
