@@ -74,6 +74,24 @@ def test_chat_completion_has_openai_shape_and_counts_prompt_tokens_of_the_chat_t
     assert usage.prompt_tokens_details.cached_tokens == 0  # a fresh salt: nothing is cached yet
 
 
+def test_developer_instructions_are_the_system_prompt_and_share_its_cache(client: openai.OpenAI) -> None:
+    salt = fresh_salt()
+    question = {"role": "user", "content": "Which files did you read?"}
+    first = client.chat.completions.create(
+        model=SERVED_MODEL, messages=[{"role": "developer", "content": SYSTEM_PROMPT}, question],
+        max_tokens=2, temperature=0, extra_body={"cache_salt": salt},
+    )  # fmt: skip
+    second = client.chat.completions.create(
+        model=SERVED_MODEL, messages=[{"role": "system", "content": SYSTEM_PROMPT}, question],
+        max_tokens=2, temperature=0, extra_body={"cache_salt": salt},
+    )  # fmt: skip
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details is not None
+    # the same prompt: every full block of the first request is reused by the second
+    assert second.usage.prompt_tokens_details.cached_tokens == (second.usage.prompt_tokens - 1) // 16 * 16
+
+
 def test_second_turn_of_a_conversation_reports_cached_tokens(client: openai.OpenAI, tokenizer: Any) -> None:
     salt = fresh_salt()
     turn1: list[dict[str, Any]] = [

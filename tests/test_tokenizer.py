@@ -557,3 +557,17 @@ def test_safe_length_holds_back_a_possible_stop_prefix(tok: Tokenizer) -> None:
     assert detok.safe_length(["</answer>"]) == len(detok.text) - len("</an")
     assert detok.safe_length(["zzz"]) == len(detok.text)
     assert detok.safe_length([]) == len(detok.text)
+
+
+def test_developer_role_is_the_system_role_unless_the_template_names_it(tiny_dir: Path, tmp_path: Path) -> None:
+    # OpenAI's newer clients send instructions as "developer"; templates of the served families know "system".
+    as_developer = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    as_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for name, template in (("tiny", None), ("llama", LLAMA31_TEMPLATE), ("qwen", QWEN25_TEMPLATE)):
+        tok = Tokenizer(tiny_dir if template is None else _folder_with_template(tiny_dir, tmp_path / name, template))
+        text = tok.apply_chat_template(as_developer, date_string="01 Jan 2026")
+        assert text == tok.apply_chat_template(as_system, date_string="01 Jan 2026"), name
+        assert "developer" not in text
+    naming = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{# roles: developer, user #}"
+    tok = Tokenizer(_folder_with_template(tiny_dir, tmp_path / "naming", naming))
+    assert tok.apply_chat_template(as_developer, add_generation_prompt=False) == "[developer] Be brief.\n[user] Hi\n"

@@ -245,6 +245,11 @@ class Tokenizer:
         Raises ChatTemplateError (a ValueError) when the template refuses the messages.
         """
         msgs = normalize_messages(messages)
+        if self.chat_template is None or "developer" not in self.chat_template:
+            # OpenAI's "developer" role is its newer name for "system" (the Agents SDK sends it); a
+            # template that does not name it would refuse it, drop it, or show the model a role
+            # it never saw in training.
+            msgs = [{**m, "role": "system"} if m["role"] == "developer" else m for m in msgs]
         if self.chat_template is None:
             return self._fallback_chat(msgs, tools, add_generation_prompt)
         context = {
