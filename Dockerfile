@@ -23,9 +23,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 
 WORKDIR /opt/cacheproxy
 COPY . .
-# Non-editable install of the package with the Redis client; torch is already satisfied by the base.
-RUN python -m pip install ".[redis,triton]" \
-    && python -c "import cacheproxy.cli, cacheproxy.cache._hashchain, redis, triton, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+# Non-editable install of the package with the Redis client, and what `cacheproxy report` (charts) and
+# `cacheproxy bench` (the openai client) need inside the container; torch is already satisfied by the base.
+RUN python -m pip install ".[redis,triton,report,bench]" \
+    && python -c "import cacheproxy.cli, cacheproxy.cache._hashchain, redis, triton, torch, matplotlib, openai; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # An unprivileged user owns the data dir (the named volume is initialised from it).
 RUN useradd --create-home --uid 1000 cacheproxy \

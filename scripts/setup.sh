@@ -23,7 +23,7 @@ fi
 # Reinstall when the build inputs changed, or when the C chain is missing although it can be built now
 # (an editable install compiles it only at install time).
 c_chain_ok() { [ ! -f /usr/include/xxhash.h ] || .venv/bin/python -c 'import cacheproxy.cache._hashchain' 2>/dev/null; }
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt setup.py ] \
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt setup.py ] && [ "$stamp" -nt "$0" ] \
   && [ "$stamp" -nt cacheproxy/cache/_hashchain.c ] && c_chain_ok; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
@@ -31,7 +31,8 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt setup.py
 if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==${CACHEPROXY_TORCH_VERSION:-2.13.0}"
 fi
-extras=redis,report
-[ -n "$want_dev" ] && extras=dev,redis,report
+# bench: `cacheproxy bench` drives the server through the openai client.
+extras=redis,report,bench
+[ -n "$want_dev" ] && extras=dev,redis,report,bench
 .venv/bin/python -m pip install -q -e ".[${extras}]"
 touch "$stamp"
