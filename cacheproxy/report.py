@@ -102,6 +102,8 @@ def live_figures(admin_stats: dict[str, Any], url: str = "") -> dict[str, Any]:
         tiers[name] = {"used_bytes": int(t.get("used_bytes", 0)), "capacity_bytes": cap,
                        "used_fraction": (t.get("used_bytes", 0) / cap) if cap else 0.0,
                        "entries": int(t.get("entries", 0)), "evictions": int(t.get("evictions", 0))}
+        if "active_bytes" in t:  # the pool: what running requests hold now
+            tiers[name]["active_bytes"] = int(t["active_bytes"])
     return {
         "url": url,
         "model": admin_stats.get("model"),

@@ -96,8 +96,10 @@ def test_stats_json_hit_tokens_equal_the_cached_tokens_the_responses_reported(
     assert after["token_hit_rate"] == pytest.approx(after["tokens"]["cached"] / after["tokens"]["prompt"])
     gpu = after["tiers"]["gpu"]
     assert gpu["capacity_bytes"] == SMALL_POOL_BLOCKS * BLOCK_BYTES
-    # The pool's "used" bytes are blocks held by running requests (none now); cached blocks are entries.
-    assert gpu["used_bytes"] == 0 and gpu["entries"] >= 6 + 2 + 1
+    # The pool's "used" bytes are its cached blocks, as for the other tiers; "active" ones are held by
+    # running requests (none now).
+    assert gpu["entries"] >= 6 + 2 + 1 and gpu["used_bytes"] == gpu["entries"] * BLOCK_BYTES
+    assert gpu["active_bytes"] == 0
     assert set(after["tiers"]) == {"gpu"}
     assert after["requests"]["running"] == 0 and after["requests"]["waiting"] == 0
     assert after["ttft_s"]["all"]["count"] == after["requests"]["ok"]

@@ -257,11 +257,11 @@ async def test_async_engine_streams_and_cancellation_frees_blocks(models: dict[s
         await gen.aclose()  # the client went away
         for _ in range(100):
             stats = engine.stats()
-            if stats["requests"]["running"] == 0 and stats["tiers"]["gpu"]["used_bytes"] == 0:
+            if stats["requests"]["running"] == 0 and stats["tiers"]["gpu"]["active_bytes"] == 0:
                 break
             await asyncio.sleep(0.05)
         assert stats["requests"] == {"running": 0, "waiting": 0}
-        assert stats["tiers"]["gpu"]["used_bytes"] == 0
+        assert stats["tiers"]["gpu"]["active_bytes"] == 0
 
         with pytest.raises(EngineError) as e:
             async for _ in engine.generate(GenerationRequest("z", prompt, _greedy(5000))):

@@ -685,7 +685,10 @@ class TieredStore:
     def stats(self) -> dict[str, object]:
         tiers: dict[str, dict[str, int]] = {
             GPU: {
-                "used_bytes": (self.pool.num_blocks - self.pool.num_free) * self.pool.block_bytes,
+                # as for the other tiers, the bytes of what is cached; `active_bytes` is what running
+                # requests hold now (their cached blocks and the ones they are still filling)
+                "used_bytes": self.pool.num_cached * self.pool.block_bytes,
+                "active_bytes": (self.pool.num_blocks - self.pool.num_free) * self.pool.block_bytes,
                 "capacity_bytes": self.pool.num_blocks * self.pool.block_bytes,
                 "evictions": self.pool.evictions,
                 "entries": self.pool.num_cached,

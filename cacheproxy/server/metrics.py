@@ -65,8 +65,11 @@ class EngineStatsCollector(Collector):
             split_blocks.add_metric([kind], n)
         yield split_blocks
 
-        tier_bytes = GaugeMetricFamily("cacheproxy_kv_tier_bytes", "KV bytes held and available per tier.",
-                                       labels=["tier", "kind"])
+        tier_bytes = GaugeMetricFamily(
+            "cacheproxy_kv_tier_bytes",
+            "KV bytes per tier: used (cached) and capacity; the pool's active ones are held by running requests.",
+            labels=["tier", "kind"],
+        )
         evictions = CounterMetricFamily("cacheproxy_evictions", "Blocks evicted from each tier.",
                                         labels=["tier"])
         events = CounterMetricFamily(
@@ -77,6 +80,8 @@ class EngineStatsCollector(Collector):
         for tier, t in sorted(stats.get("tiers", {}).items()):
             tier_bytes.add_metric([tier, "used"], t.get("used_bytes", 0))
             tier_bytes.add_metric([tier, "capacity"], t.get("capacity_bytes", 0))
+            if "active_bytes" in t:  # the pool: blocks running requests hold
+                tier_bytes.add_metric([tier, "active"], t["active_bytes"])
             evictions.add_metric([tier], t.get("evictions", 0))
             for event in _TIER_EVENTS:
                 if isinstance(t.get(event), int):
