@@ -336,7 +336,8 @@ def report_png(report: OfflineReport) -> bytes:
             ax_ttft.set_yscale("log")
         ax_ttft.set_ylabel("TTFT (ms)")
         ax_ttft.set_title("Time to first token by cache outcome", fontsize=10, loc="left")
-        ax_ttft.legend(loc="upper right", fontsize=8)
+        # beside the axes: the newest requests are at the right edge, where a legend inside would sit
+        ax_ttft.legend(loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=8)
         ax_ttft.grid(alpha=0.3)
 
         # Stacked bars, one per slice with traffic: a slice without requests has no bar (not a 0% one).
@@ -350,7 +351,7 @@ def report_png(report: OfflineReport) -> bytes:
                        label=tier, color=TIER_COLORS.get(tier))
             bottom = [x + h for x, h in zip(bottom, heights, strict=True)]
         if tiers:
-            ax_hit.legend(loc="upper right", fontsize=8, title="tier", title_fontsize=8)
+            ax_hit.legend(loc="upper left", bbox_to_anchor=(1.005, 1), fontsize=8, title="tier", title_fontsize=8)
         ax_hit.set_ylim(0, 100)
         ax_hit.set_ylabel("cached / prompt tokens (%)")
         ax_hit.set_title("Token hit rate by tier, per time slice", fontsize=10, loc="left")
