@@ -66,12 +66,19 @@ DECODE_CASES = [
     DecodeCase("gqa4-d64-bs16-fp16-one-split", torch.float16, 8, 2, 64, 16, (70, 9), num_splits=1),
     DecodeCase("gqa4-d64-bs16-fp16-no-prefetch", torch.float16, 8, 2, 64, 16, (70, 19, 33), prefetch_pages=False),
     DecodeCase("gqa4-d64-bs16-fp16-graph-wide-table", torch.float16, 8, 2, 64, 16, (300, 40, 7), spare_blocks=60),
+    # Groups that are not powers of two, as real models have them: Qwen2.5 0.5B/7B (14/2, 28/4), Qwen2.5
+    # 1.5B (12/2), Llama 3.2 3B (24/8).
+    DecodeCase("gqa7-d64-bs16-fp16", torch.float16, 14, 2, 64, 16, (90, 1, 33)),
+    DecodeCase("gqa6-d128-bs32-fp32-three-splits", torch.float32, 12, 2, 128, 32, (100, 7), num_splits=3),
+    DecodeCase("gqa3-d64-bs16-fp16", torch.float16, 6, 2, 64, 16, (45, 16)),
 ]
 PREFILL_CASES = [
     PrefillCase("gqa4-d64-bs16-fp16-mixed", torch.float16, 8, 2, 64, 16, (20, 5, 37), (0, 33, 50)),
     PrefillCase("gqa1-d128-bs32-fp32-mixed", torch.float32, 2, 2, 128, 32, (17, 40), (64, 0)),
     PrefillCase("gqa8-d128-bs32-fp16-cached", torch.float16, 8, 1, 128, 32, (33,), (95,)),
     PrefillCase("gqa8-d64-bs16-fp32-empty-seq", torch.float32, 8, 1, 64, 16, (3, 0, 18), (10, 7, 0)),
+    PrefillCase("gqa7-d64-bs16-fp16-mixed", torch.float16, 14, 2, 64, 16, (21, 6), (0, 40)),
+    PrefillCase("gqa3-d128-bs16-fp32-cached", torch.float32, 6, 2, 128, 16, (17,), (35,)),
 ]
 # Nothing cached and the op told so (max_cached_len 0): the causal kernel reading q/k/v through
 # tensor-memory descriptors; ragged sequences whose last tiles run into the next sequence's rows.
@@ -81,6 +88,7 @@ CAUSAL_PREFILL_CASES = [
     PrefillCase("causal-gqa1-d128-bs32-fp32", torch.float32, 2, 2, 128, 32, (33, 17), (0, 0), tight_cached_bound=True),
     PrefillCase("causal-gqa8-d64-bs16-fp32-empty-seq", torch.float32, 8, 1, 64, 16, (19, 0, 40), (0, 0, 0),
                 tight_cached_bound=True, padding_tokens=5),
+    PrefillCase("causal-gqa7-d64-bs16-fp16", torch.float16, 14, 2, 64, 16, (29, 40), (0, 0), tight_cached_bound=True),
 ]
 # Few new tokens after a long-ish cached prefix: the grouped split-K kernel (the plan picks it for
 # these on the interpreter's stand-in multiprocessor count; a test below holds it to that).
@@ -93,6 +101,7 @@ SPLIT_PREFILL_CASES = [
     PrefillCase("split-gqa4-d64-bs16-fp32-padded", torch.float32, 4, 1, 64, 16, (2, 3), (90, 41), padding_tokens=3),
     # 6 query heads: the merge's last program of 4 heads has 2 past the end, which it must not store.
     PrefillCase("split-gqa3-d64-bs16-fp32-six-heads", torch.float32, 6, 2, 64, 16, (3, 2), (100, 40)),
+    PrefillCase("split-gqa7-d64-bs16-fp16-fourteen-heads", torch.float16, 14, 2, 64, 16, (4, 1), (120, 60)),
     # More splits than the shorter prefix has tiles: the surplus splits are empty and must weigh nothing.
     PrefillCase("split-gqa8-d64-bs16-fp32-forced-7", torch.float32, 8, 1, 64, 16, (6, 2), (150, 33), num_splits=7),
     # More splits than the merge takes in one chunk (8), and not a multiple of it.
