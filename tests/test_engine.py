@@ -18,12 +18,15 @@ from cacheproxy.engine.tiny_model import make_tiny_model
 
 transformers = pytest.importorskip("transformers")
 
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "llama-tied"]
+# "-biases": the config switches on every bias the family has (Llama: q/k/v/o and gate/up/down; Qwen3: q/k/v/o).
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "llama-tied", "llama-biases", "qwen3-biases"]
 
 
 def _make(root: Path, arch: str) -> Path:
     base, _, variant = arch.partition("-")
-    extra = {"tie_word_embeddings": True} if variant == "tied" else {}
+    extra: dict[str, object] = {"tie_word_embeddings": True} if variant == "tied" else {}
+    if variant == "biases":
+        extra = {"attention_bias": True, "mlp_bias": base == "llama"}
     # A larger init than a real model's keeps the logits peaked, so greedy choices are not near-ties.
     return make_tiny_model(root / arch, base, seed=7, init_std=0.15, **extra)
 
@@ -358,3 +361,50 @@ def test_a_sequences_int32_block_table_follows_every_change_of_its_list() -> Non
             del seq.block_table[rng.randrange(len(seq.block_table) + 1) :]
         got = seq.block_table_array()
         assert got.dtype.name == "int32" and got.tolist() == seq.block_table, change
+
+
+def _with_tensors(src: Path, dst: Path, extra: dict[str, torch.Tensor]) -> Path:
+    """A copy of the model folder whose weights file also holds `extra`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    save_file({**weights, **extra}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_a_checkpoint_tensor_the_model_has_no_place_for_is_refused_by_name(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    # e.g. a bias the config does not switch on: skipping it would serve different outputs
+    odd = _with_tensors(models["llama"], tmp_path / "odd", {"model.layers.1.mlp.down_proj.bias": torch.ones(64)})
+    with pytest.raises(UnsupportedModel, match=r"does not use: model\.layers\.1\.mlp\.down_proj\.bias"):
+        _engine(odd, tmp_path / "data")
+
+
+def test_extra_tensors_of_a_checkpoint_are_read_as_transformers_reads_them(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    # old checkpoints' rotary buffers (ignored), and a "tied" model's file that holds a head of its own
+    # (transformers then keeps the head apart from the embedding)
+    extra = {
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8),
+        "lm_head.weight": torch.randn(2048, 64, generator=torch.Generator().manual_seed(5)),
+    }
+    folder = _with_tensors(models["llama-tied"], tmp_path / "extra", extra)
+    engine, hf = _engine(folder, tmp_path / "data"), _hf(folder)
+    ids = _prompts(4, [40], engine.config.vocab_size)[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(engine.score(ids), ref, atol=2e-4, rtol=1e-4)
+
+
+def test_a_tied_checkpoint_that_also_stores_the_same_head_stays_tied(tmp_path: Path, models: dict[str, Path]) -> None:
+    from safetensors.torch import load_file
+
+    embedding = load_file(str(models["llama-tied"] / "model.safetensors"))["model.embed_tokens.weight"]
+    folder = _with_tensors(models["llama-tied"], tmp_path / "same", {"lm_head.weight": embedding.clone()})
+    model = _engine(folder, tmp_path / "data").model
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # one copy in memory

@@ -16,6 +16,15 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
 }
+# Which biases config.json can switch on, as transformers builds each family: Llama's attention_bias
+# covers q/k/v and o_proj and its mlp_bias gate/up/down; Qwen3's attention_bias q/k/v and o_proj;
+# Mistral has none and Qwen2 always q/k/v only, whatever the config says.
+_SWITCHED_BIASES: dict[str, tuple[bool, bool]] = {  # (attention_bias read, mlp_bias read)
+    "LlamaForCausalLM": (True, True),
+    "MistralForCausalLM": (False, False),
+    "Qwen2ForCausalLM": (False, False),
+    "Qwen3ForCausalLM": (True, False),
+}
 
 
 class UnsupportedModel(EngineError):
@@ -38,11 +47,13 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # q/k/v
     qk_norm: bool
     sliding_window: int | None
     torch_dtype: str
     eos_token_id: list[int] = field(default_factory=list)
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
     bos_token_id: int | None = None
 
     @classmethod
@@ -56,6 +67,9 @@ class ModelConfig:
                 + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
             )
         bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        reads_attention_bias, reads_mlp_bias = _SWITCHED_BIASES[arch]
+        switched = reads_attention_bias and bool(cfg.get("attention_bias", False))
+        mlp_bias = reads_mlp_bias and bool(cfg.get("mlp_bias", False))
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         head_dim = int(cfg.get("head_dim") or hidden // heads)
@@ -83,12 +97,14 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", bias)),
+            attention_bias=bias or switched,
             qk_norm=qk_norm,
             sliding_window=int(sliding) if sliding else None,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             eos_token_id=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
+            o_proj_bias=switched,
+            mlp_bias=mlp_bias,
         )
 
     @classmethod

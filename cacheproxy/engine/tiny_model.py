@@ -67,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "shards": 1,
     "init_std": 0.02,
+    # Biases Llama's config can switch on: q/k/v/o (Qwen3's too) and gate/up/down. Off in real Llamas;
+    # here so the loader and the model are tested with them.
+    "attention_bias": False,
+    "mlp_bias": False,
 }
 
 # ChatML-style turns; tools go into the system turn as one JSON object a line, assistant tool calls
@@ -268,8 +272,10 @@ def _model_config(arch: str, tok: Tokenizer, p: dict[str, Any]) -> dict[str, Any
         "pad_token_id": tok.token_to_id(PAD_TOKEN),
         "torch_dtype": p["dtype"],
     }
+    if (p["attention_bias"] and model_type not in ("llama", "qwen3")) or (p["mlp_bias"] and model_type != "llama"):
+        raise ValueError(f"{model_type} has no switch for these biases")
     if model_type == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+        cfg.update(attention_bias=bool(p["attention_bias"]), mlp_bias=bool(p["mlp_bias"]), pretraining_tp=1)
     if arch == "llama3":
         cfg["rope_scaling"] = {
             "rope_type": "llama3",
@@ -283,7 +289,7 @@ def _model_config(arch: str, tok: Tokenizer, p: dict[str, Any]) -> dict[str, Any
     if model_type in ("qwen2", "qwen3"):
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=p["num_hidden_layers"])
     if model_type == "qwen3":
-        cfg["attention_bias"] = False
+        cfg["attention_bias"] = bool(p["attention_bias"])
     return cfg
 
 
@@ -303,10 +309,16 @@ def _random_weights(arch: str, cfg: dict[str, Any], seed: int, std: float) -> di
         w[pre + "self_attn.k_proj.weight"] = normal(nkv * hd, h)
         w[pre + "self_attn.v_proj.weight"] = normal(nkv * hd, h)
         w[pre + "self_attn.o_proj.weight"] = normal(h, nq * hd)
-        if arch == "qwen2":
+        if arch == "qwen2" or cfg.get("attention_bias"):
             w[pre + "self_attn.q_proj.bias"] = normal(nq * hd)
             w[pre + "self_attn.k_proj.bias"] = normal(nkv * hd)
             w[pre + "self_attn.v_proj.bias"] = normal(nkv * hd)
+        if cfg.get("attention_bias"):  # Llama and Qwen3 switch o_proj's with q/k/v's; Qwen2 has none
+            w[pre + "self_attn.o_proj.bias"] = normal(h)
+        if cfg.get("mlp_bias"):
+            w[pre + "mlp.gate_proj.bias"] = normal(inter)
+            w[pre + "mlp.up_proj.bias"] = normal(inter)
+            w[pre + "mlp.down_proj.bias"] = normal(h)
         if arch == "qwen3":
             w[pre + "self_attn.q_norm.weight"] = torch.ones(hd)
             w[pre + "self_attn.k_norm.weight"] = torch.ones(hd)

@@ -69,12 +69,19 @@ def load_weights(model: CausalLM, path: Path) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     layout = checkpoint_layout(model)
     loaded: set[str] = set()
+    unknown: list[str] = []
+    tied_head: torch.Tensor | None = None
     device = next(model.parameters()).device
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name == "lm_head.weight" and model.config.tie_word_embeddings:
+                    tied_head = f.get_tensor(name)  # decided once the embedding is in
+                    continue
                 if name not in layout:
-                    continue  # e.g. rotary_emb.inv_freq of old checkpoints
+                    if not name.endswith("rotary_emb.inv_freq"):  # old checkpoints' buffer, from the config
+                        unknown.append(name)
+                    continue
                 ours, rows = layout[name]
                 target = params[ours].data if rows is None else params[ours].data[rows]
                 tensor = f.get_tensor(name)
@@ -84,8 +91,20 @@ def load_weights(model: CausalLM, path: Path) -> None:
                     )
                 target.copy_(tensor.to(device=device, dtype=target.dtype))
                 loaded.add(name)
+    if unknown:
+        # A tensor the model has no place for changes what the checkpoint computes (a bias, an
+        # adapter, another architecture's part): refused, not served wrong.
+        raise UnsupportedModel(
+            f"{path} holds weights this engine does not use: {', '.join(sorted(unknown)[:8])}"
+            + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        )
     if model.config.tie_word_embeddings:
         loaded.add("lm_head.weight")
+        embedding = model.model.embed_tokens.weight
+        if tied_head is not None and not torch.equal(tied_head.to(embedding.device, embedding.dtype), embedding.data):
+            # A "tied" config whose file holds a different head: transformers then keeps the two apart,
+            # and so do we (the head gets its own memory).
+            model.lm_head.weight = torch.nn.Parameter(tied_head.to(embedding.device, embedding.dtype), requires_grad=False)
     missing = sorted(set(layout) - loaded)
     if missing:
         raise UnsupportedModel(f"weights missing from {path}: {', '.join(missing[:8])}")
