@@ -408,3 +408,50 @@ def test_a_tied_checkpoint_that_also_stores_the_same_head_stays_tied(tmp_path: P
     folder = _with_tensors(models["llama-tied"], tmp_path / "same", {"lm_head.weight": embedding.clone()})
     model = _engine(folder, tmp_path / "data").model
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # one copy in memory
+
+
+def _rewritten_config(src: Path, dst: Path, change) -> Path:  # type: ignore[no-untyped-def]
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    change(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_rope_parameters_of_transformers_5_configs_are_read(tmp_path: Path, models: dict[str, Path]) -> None:
+    # A checkpoint saved with transformers 5 keeps theta and scaling in `rope_parameters` and has no
+    # top-level rope_theta; read as the old layout's default (10000), its positions would be wrong.
+    def old_layout(cfg: dict) -> None:  # type: ignore[type-arg]
+        cfg["rope_theta"] = 500000.0
+
+    def new_layout(cfg: dict) -> None:  # type: ignore[type-arg]
+        scaling = cfg.pop("rope_scaling")
+        cfg.pop("rope_theta", None)
+        cfg["rope_parameters"] = {**scaling, "rope_theta": 500000.0}
+
+    old = _rewritten_config(models["llama3"], tmp_path / "v4", old_layout)
+    new = _rewritten_config(models["llama3"], tmp_path / "v5", new_layout)
+    ids = _prompts(6, [60], 2048)[0]
+    want = _engine(old, tmp_path / "d4").score(ids)
+    got = _engine(new, tmp_path / "d5").score(ids)
+    assert not torch.allclose(want, _engine(models["llama3"], tmp_path / "d0").score(ids))  # theta matters here
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with torch.no_grad():
+        ref = _hf(new)(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [("hidden_act", "gelu", "hidden_act"), ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
+     ("rope_parameters", {"full_attention": {"rope_theta": 1e4}}, "rope_parameters")],
+)  # fmt: skip
+def test_config_switches_the_engine_does_not_implement_are_refused(
+    tmp_path: Path, models: dict[str, Path], key: str, value: object, named: str
+) -> None:
+    folder = _rewritten_config(models["llama"], tmp_path / "odd", lambda cfg: cfg.update({key: value}))
+    with pytest.raises(UnsupportedModel, match=named):
+        _engine(folder, tmp_path / "data")

@@ -27,6 +27,24 @@ _SWITCHED_BIASES: dict[str, tuple[bool, bool]] = {  # (attention_bias read, mlp_
 }
 
 
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from either config layout: transformers 4's top-level `rope_theta` and
+    `rope_scaling`, or transformers 5's `rope_parameters` (theta and scaling in one dict), which a
+    checkpoint saved with it has instead. Missing both, the families' default theta of 10000."""
+    params = cfg.get("rope_parameters")
+    if params is not None and not (isinstance(params, dict) and ("rope_type" in params or "rope_theta" in params)):
+        raise UnsupportedModel(f"unsupported rope_parameters {params!r} (one set for all layers is served)")
+    params = params or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta")) or 10000.0)
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and params.get("rope_type", params.get("type", "default")) != "default":
+        scaling = params
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if factor is not None and float(factor) != 1.0:
+        raise UnsupportedModel(f"unsupported partial_rotary_factor {factor} (the Llama family turns every dimension)")
+    return theta, scaling
+
+
 class UnsupportedModel(EngineError):
     def __init__(self, message: str) -> None:
         super().__init__(message, code="unsupported_model", status=400)
@@ -73,7 +91,9 @@ class ModelConfig:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         head_dim = int(cfg.get("head_dim") or hidden // heads)
-        rope_scaling = cfg.get("rope_scaling")
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise UnsupportedModel(f"unsupported hidden_act {cfg.get('hidden_act')!r} (have: silu)")
+        rope_theta, rope_scaling = _rope(cfg)
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             if kind not in ("default", "linear", "llama3"):
@@ -93,7 +113,7 @@ class ModelConfig:
             num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
