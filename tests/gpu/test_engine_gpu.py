@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 transformers = pytest.importorskip("transformers")
 
 # "qwen2-q14kv2": Qwen2.5-0.5B's heads (14 query heads on 2 KV heads, a group of 7; tied embeddings).
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "llama-tied", "qwen2-q14kv2"]
+# "llama-biases": every bias Llama's config can switch on (q/k/v/o, gate/up/down).
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "llama-tied", "qwen2-q14kv2", "llama-biases"]
 # A wider model than the CPU tests' so the kernels see real head_dim and GQA shapes.
 SHAPE = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
          "intermediate_size": 1024, "num_hidden_layers": 3}  # fmt: skip
@@ -30,6 +31,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for arch in ARCHS:
         base, _, variant = arch.partition("-")
         extra: dict[str, object] = {"tie_word_embeddings": True} if variant == "tied" else {}
+        if variant == "biases":
+            extra = {"attention_bias": True, "mlp_bias": True}
         if variant == "q14kv2":
             extra = {"hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2, "head_dim": 64,
                      "tie_word_embeddings": True}  # fmt: skip
