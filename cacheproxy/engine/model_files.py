@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cacheproxy.engine.request import EngineError
 from cacheproxy.engine.tiny_model import make_tiny_model
 from cacheproxy.log import get_logger
 
@@ -30,8 +31,11 @@ HUB_PATTERNS = [
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class ModelNotFound(RuntimeError):
+class ModelNotFound(EngineError):
     """The model could not be found locally nor fetched."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="model_not_found", status=404)
 
 
 def tiny_model_path(data_dir: Path) -> Path:

@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from cacheproxy.config import Settings
+from cacheproxy.engine.request import EngineError
 from cacheproxy.log import get_logger
 from cacheproxy.server import admin_routes, openai_routes
 from cacheproxy.server.errors import ApiError, Handler, error_middleware
@@ -86,7 +87,10 @@ async def _start_engine(state: ServerState) -> None:
         await state.engine.start()
     except Exception as exc:
         state.engine_start_error = exc
-        log.exception("engine_start_failed")
+        if isinstance(exc, EngineError):  # a model it cannot serve: the message says why; no traceback
+            log.error("engine_start_failed", error=str(exc))
+        else:
+            log.exception("engine_start_failed")
         raise
     _freeze_startup_objects()
     log.info("engine_ready", model=state.engine.model_name, max_model_len=state.engine.max_model_len)
