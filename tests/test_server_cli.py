@@ -105,3 +105,19 @@ def test_admin_routes_without_an_admin_key_are_served_to_loopback(default_model_
     reply = default_model_server.request("GET", "/admin/stats", key=None)
     assert reply.status == 200
     assert reply.json()["engine"]["requests"] == {"running": 0, "waiting": 0}
+
+
+def test_serve_with_a_model_it_cannot_find_exits_1_with_the_reason_and_no_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-model"
+    done = subprocess.run(
+        [sys.executable, "-m", "cacheproxy.cli", "serve", "--model", str(missing), "--port", "0",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert f"model folder '{missing}' does not exist" in out and "engine_start_failed" in out
+    assert "Traceback" not in out
