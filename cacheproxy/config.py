@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     # --- cache ---------------------------------------------------------------------------
     cache_scope: Literal["tenant", "global"] = "tenant"
     cache_policy: Literal["write_back", "write_through"] = "write_back"
+    sampling_defaults: Literal["model", "openai"] = Field(
+        default="model",
+        description="What a request that leaves temperature, top_p or top_k unset gets: the model's "
+        "generation_config.json values (model, as vLLM does) or OpenAI's (temperature 1, top_p 1, no top_k).",
+    )
     hash_seed: int = Field(default=0, description="Deployment secret seed of the block hashes.")
     cpu_cache_bytes: int = Field(default=2 << 30, ge=0)
     disk_cache_enabled: bool = True

@@ -322,3 +322,36 @@ def test_default_max_tokens_applies_when_the_request_sets_none(client: openai.Op
     # The session server runs with --default-max-tokens 16.
     r = client.completions.create(model=SERVED_MODEL, prompt="x", temperature=0, extra_body={"ignore_eos": True})
     assert r.usage is not None and r.usage.completion_tokens == 16
+
+
+def test_unset_sampling_fields_take_the_model_generation_config_unless_told_openai(
+    tiny_model_dir: Any, tmp_path: Any
+) -> None:
+    import json
+    import shutil
+
+    from conftest import start_server, stop_server
+
+    model = tmp_path / "greedy-by-default"
+    shutil.copytree(tiny_model_dir, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.0}))
+    messages = [{"role": "user", "content": "Tell me a story about a cache."}]
+
+    def texts(mode: str) -> list[str]:
+        srv = start_server(["--model", str(model), "--served-model-name", "m", "--sampling-defaults", mode],
+                           tmp_path / mode)  # fmt: skip
+        try:
+            with openai.OpenAI(base_url=srv.base_url + "/v1", api_key="k", max_retries=0) as client:
+                return [
+                    client.chat.completions.create(model="m", messages=messages, max_tokens=24,
+                                                   extra_body={"ignore_eos": True}).choices[0].message.content or ""
+                    for _ in range(3)
+                ]  # fmt: skip
+        finally:
+            stop_server(srv)
+
+    greedy = texts("model")  # temperature 0 from the model's generation config: the same text each time
+    assert len(set(greedy)) == 1 and greedy[0]
+    sampled = texts("openai")  # OpenAI's temperature 1 over random weights: three different texts
+    assert len(set(sampled)) == 3

@@ -571,3 +571,13 @@ def test_developer_role_is_the_system_role_unless_the_template_names_it(tiny_dir
     naming = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{# roles: developer, user #}"
     tok = Tokenizer(_folder_with_template(tiny_dir, tmp_path / "naming", naming))
     assert tok.apply_chat_template(as_developer, add_generation_prompt=False) == "[developer] Be brief.\n[user] Hi\n"
+
+
+def test_generation_config_sampling_values_become_the_defaults_when_in_range(tiny_dir: Path, tmp_path: Path) -> None:
+    folder = _folder_with_template(tiny_dir, tmp_path / "gen", None)
+    gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    assert Tokenizer(folder).generation_defaults == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 9, "top_p": 0, "top_k": True}))
+    assert Tokenizer(folder).generation_defaults == {}  # out of range or not numbers: none of them
+    assert Tokenizer(tiny_dir).generation_defaults == {}  # the tiny model recommends nothing

@@ -142,6 +142,20 @@ def normalize_messages(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any
     return out
 
 
+def _sampling_defaults(generation: dict[str, Any]) -> dict[str, float | int]:
+    """The sampling values generation_config.json recommends (Qwen2.5-Instruct: temperature 0.7, top_p 0.8,
+    top_k 20), those in range only."""
+    out: dict[str, float | int] = {}
+    t, p, k = generation.get("temperature"), generation.get("top_p"), generation.get("top_k")
+    if isinstance(t, int | float) and not isinstance(t, bool) and 0.0 <= t <= 2.0:
+        out["temperature"] = float(t)
+    if isinstance(p, int | float) and not isinstance(p, bool) and 0.0 < p <= 1.0:
+        out["top_p"] = float(p)
+    if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+        out["top_k"] = k
+    return out
+
+
 class Tokenizer:
     """Encode, decode and chat-template for one model folder."""
 
@@ -174,6 +188,7 @@ class Tokenizer:
         eos_ids += [e for e in _as_id_list(extra) if e not in eos_ids]
         self.eos_token_ids: list[int] = eos_ids
         self.pad_token_id = self._id_of(self.pad_token)
+        self.generation_defaults = _sampling_defaults(generation)
 
         self.chat_template = self._read_chat_template(folder, config)
         self._env = _template_environment()

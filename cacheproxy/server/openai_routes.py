@@ -544,13 +544,15 @@ class GenerationRun:
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None,
-              choice: int) -> SamplingParams:
+              choice: int, defaults: dict[str, float | int]) -> SamplingParams:
+    """`defaults`: what the request leaves unset falls back to (the model's generation config, or none:
+    OpenAI's values)."""
     seed = None if req.seed is None else req.seed + choice  # distinct, reproducible seeds per choice
-    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+    top_k = int(defaults.get("top_k", 0)) if req.top_k is None else max(req.top_k, 0)
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=float(defaults.get("temperature", 1.0)) if req.temperature is None else req.temperature,
+        top_p=float(defaults.get("top_p", 1.0)) if req.top_p is None else req.top_p,
         top_k=top_k,
         seed=seed,
         stop=req.stop_list(),
@@ -609,10 +611,11 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
             raise ApiError(400, f"prompts x n may be at most {MAX_CHOICES_PER_REQUEST}", code="invalid_value",
                            param="n")
         jobs: list[Job] = []
+        defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         for p_idx, prompt in enumerate(prompts):
             max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt.token_ids), state, param)
             for k in range(req.n):
-                jobs.append(Job(p_idx * req.n + k, p_idx, prompt, _sampling(req, max_tokens, logprobs_k, k)))
+                jobs.append(Job(p_idx * req.n + k, p_idx, prompt, _sampling(req, max_tokens, logprobs_k, k, defaults)))
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         run = GenerationRun(request, state, record, shape, jobs,
                             cache_salt(record.tenant, req.cache_salt, state.settings), arrival,
