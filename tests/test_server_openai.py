@@ -355,3 +355,25 @@ def test_unset_sampling_fields_take_the_model_generation_config_unless_told_open
     assert len(set(greedy)) == 1 and greedy[0]
     sampled = texts("openai")  # OpenAI's temperature 1 over random weights: three different texts
     assert len(set(sampled)) == 3
+
+
+def test_logit_bias_and_penalties_reach_the_sampler_and_bad_ones_get_a_400(
+    client: openai.OpenAI, tokenizer: Any
+) -> None:
+    messages = [{"role": "user", "content": "Say something."}]
+    forced = client.completions.create(model=SERVED_MODEL, prompt=[[5, 6, 7]], max_tokens=6, temperature=0.8,
+                                       seed=3, logit_bias={"42": 100}, extra_body={"ignore_eos": True})  # fmt: skip
+    assert forced.choices[0].text == tokenizer.decode([42] * 6)
+    penalised = client.chat.completions.create(
+        model=SERVED_MODEL, messages=messages, max_tokens=8, temperature=0, frequency_penalty=2.0,
+        presence_penalty=1.0, extra_body={"repetition_penalty": 1.5},
+    )  # fmt: skip
+    assert penalised.choices[0].finish_reason in ("stop", "length")
+    for bias, needle in (({"x": 1}, "not a token id"), ({"999999": 1}, "outside the vocabulary"),
+                         ({"5": 150}, "not in [-100, 100]")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=SERVED_MODEL, messages=messages, max_tokens=2, logit_bias=bias)
+        assert needle in str(err.value) and err.value.body["param"] == "logit_bias"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=SERVED_MODEL, messages=messages, max_tokens=2,
+                                       extra_body={"repetition_penalty": 0})  # fmt: skip

@@ -31,6 +31,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the top k
     min_tokens: int = 0
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens (engine/penalties.py)
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # transformers' and vLLM's, over prompt and generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -45,6 +49,12 @@ class SamplingParams:
             raise EngineError("seed must fit in 64 bits", "invalid_value")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise EngineError("top_logprobs must be between 0 and 20", "invalid_value")
+        if not (-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0):
+            raise EngineError("presence_penalty and frequency_penalty must be between -2 and 2", "invalid_value")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise EngineError("repetition_penalty must be in (0, 10]", "invalid_value")
+        if any(t < 0 or not -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
+            raise EngineError("logit_bias maps token ids to values between -100 and 100", "invalid_value")
 
     @property
     def greedy(self) -> bool:

@@ -11,6 +11,7 @@ import kernels
 from cacheproxy.engine.cuda_graphs import StepGraphs
 from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
+from cacheproxy.engine.penalties import adjust_logits
 from cacheproxy.engine.sampler import sample
 from cacheproxy.engine.scheduler import ScheduledStep
 from cacheproxy.engine.step_context import StepContext, StepInputs, set_context
@@ -155,6 +156,7 @@ class ModelRunner:
             return StepResult([None] * len(step.chunks), [])
         sampling = [c for c in step.chunks if c.samples]
         params = [c.seq.params for c in sampling]
+        adjust_logits(logits, [c.seq for c in sampling])
         tokens, logprobs = sample(logits, params, [c.seq.generator for c in sampling])
         lp_out: list[tuple[float, list[tuple[int, float]]] | None] = []
         for i, c in enumerate(sampling):

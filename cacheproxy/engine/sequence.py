@@ -5,12 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from cacheproxy.cache.tiered_store import PendingLoad
 from cacheproxy.engine.request import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from cacheproxy.engine.penalties import PenaltyState
 
 
 class SequenceStatus(enum.Enum):
@@ -43,6 +47,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    penalties: PenaltyState | None = None  # made at its first sampled step when its params adjust logits
     reported_first: bool = False
     # Later prefix blocks loading while the earlier ones are recomputed (TieredStore.match).
     pending_load: PendingLoad | None = None

@@ -543,8 +543,27 @@ class GenerationRun:
 # Handlers
 
 
+def _logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab: int) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids (as strings) -> a value in [-100, 100] added to their logits."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id", code="invalid_value",
+                           param="logit_bias") from None
+        if not 0 <= token < vocab:
+            raise ApiError(400, f"logit_bias token id {token} is outside the vocabulary (0..{vocab - 1})",
+                           code="invalid_value", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise ApiError(400, f"logit_bias value {value} for token {token} is not in [-100, 100]",
+                           code="invalid_value", param="logit_bias")
+        bias[token] = float(value)
+    return bias
+
+
 def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None,
-              choice: int, defaults: dict[str, float | int]) -> SamplingParams:
+              choice: int, defaults: dict[str, float | int], logit_bias: dict[int, float]) -> SamplingParams:
     """`defaults`: what the request leaves unset falls back to (the model's generation config, or none:
     OpenAI's values)."""
     seed = None if req.seed is None else req.seed + choice  # distinct, reproducible seeds per choice
@@ -560,6 +579,10 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, l
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         min_tokens=req.min_tokens,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=logit_bias,
     )
     try:
         params.validate()
@@ -612,10 +635,11 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
                            param="n")
         jobs: list[Job] = []
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
+        bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
         for p_idx, prompt in enumerate(prompts):
             max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt.token_ids), state, param)
             for k in range(req.n):
-                jobs.append(Job(p_idx * req.n + k, p_idx, prompt, _sampling(req, max_tokens, logprobs_k, k, defaults)))
+                jobs.append(Job(p_idx * req.n + k, p_idx, prompt, _sampling(req, max_tokens, logprobs_k, k, defaults, bias)))
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         run = GenerationRun(request, state, record, shape, jobs,
                             cache_salt(record.tenant, req.cache_salt, state.settings), arrival,

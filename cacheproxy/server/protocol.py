@@ -1,7 +1,7 @@
 """The OpenAI request bodies the server accepts, as pydantic models.
 
 Fields that agent frameworks send are declared (so a wrong type is a 400) even where the server only
-accepts and ignores them (penalties, logit_bias, response_format, metadata, ...); any other unknown field
+accepts and ignores them (response_format, metadata, ...); any other unknown field
 is dropped silently, as `extra="ignore"` says. Responses are built as plain dicts in openai_routes.py.
 """
 
@@ -97,10 +97,10 @@ class _SamplingFields(_Lenient):
     ignore_eos: bool = False
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None  # int64, as OpenAI documents
     user: str | None = None
-    presence_penalty: Penalty | None = None  # accepted, not applied
-    frequency_penalty: Penalty | None = None  # accepted, not applied
-    repetition_penalty: float | None = None  # accepted, not applied
-    logit_bias: dict[str, float] | None = None  # accepted, not applied
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = None  # transformers' and vLLM's; (0, 10]
+    logit_bias: dict[str, float] | None = None  # token id (a string, as OpenAI sends it) -> [-100, 100]
     prompt_cache_key: str | None = None
     cache_salt: str | None = None
     metadata: dict[str, str] | None = None
