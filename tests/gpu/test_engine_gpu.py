@@ -206,3 +206,32 @@ def test_prefix_met_in_the_middle_on_cuda(tmp_path: Path, tier: str, monkeypatch
     again, tiers = run("again")  # every block back in the pool
     assert tiers == {"gpu": blocks * 16} and again == gpu
     engine.shutdown()
+
+
+def test_penalties_and_logit_bias_on_cuda(models: dict[str, Path], tmp_path: Path) -> None:
+    from cacheproxy.engine.penalties import PenaltyState
+
+    p = SamplingParams(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.4, logit_bias={9: -3.0})
+    prompt, output = [3, 3, 8, 9, 100], [8, 8, 50]
+    logits = torch.randn(2000, generator=torch.Generator().manual_seed(0)) * 3
+    want = logits.double().clone()
+    for t in set(prompt) | set(output):
+        want[t] = want[t] / 1.4 if want[t] > 0 else want[t] * 1.4
+    for t in set(output):
+        want[t] -= 1.0 * output.count(t) + 0.5
+    want[9] -= 3.0
+    state = PenaltyState.new(p, prompt, 2000, torch.device("cuda"))
+    state.update(output[:1])
+    state.update(output)  # in two steps, as decode adds them
+    got = logits.cuda()
+    state.apply(got, p)
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-5, rtol=1e-5)
+
+    engine = _engine(models["llama"], tmp_path)
+    prompt_ids = _prompts(9, [40])[0]
+    forced = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias={77: 100.0},
+                            frequency_penalty=0.5)  # fmt: skip
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    out = generate_blocking(engine, [GenerationRequest("f", prompt_ids, forced), GenerationRequest("p", prompt_ids, plain)])
+    assert out["f"] == [77] * 12  # decode from CUDA graphs, the bias applied to the graph's logits
+    assert out["p"] == generate_blocking(engine, [GenerationRequest("alone", prompt_ids, plain)])["alone"]
