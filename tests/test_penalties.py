@@ -139,3 +139,22 @@ def test_a_large_logit_bias_forces_its_token(model: Path, tmp_path: Path) -> Non
     ])  # fmt: skip
     assert out["b"] == [1234] * 24 and out["s"] == [77] * 8
     assert out["n"] == generate_blocking(engine, [GenerationRequest("alone", prompt, _greedy())])["alone"]
+
+
+def test_min_tokens_keeps_end_of_text_and_stop_ids_from_being_drawn_until_then(model: Path, tmp_path: Path) -> None:
+    engine = _engine(model, tmp_path)
+    eos = sorted(engine.eos_ids)
+    prompt = [random.Random(6).randrange(5, 2000) for _ in range(10)]
+    # the bias makes an end-of-text token the model's first choice at every step
+    push = {t: 100.0 for t in eos} | {99: 90.0}
+    reqs = [
+        GenerationRequest("min", prompt, SamplingParams(max_tokens=20, temperature=0.0, min_tokens=5, logit_bias=push)),
+        GenerationRequest("none", prompt, SamplingParams(max_tokens=20, temperature=0.0, logit_bias=push)),
+        GenerationRequest("stop-id", prompt, SamplingParams(max_tokens=20, temperature=0.0, min_tokens=3,
+                                                            stop_token_ids=[99], ignore_eos=True, logit_bias={99: 100.0})),
+    ]  # fmt: skip
+    out = generate_blocking(engine, reqs)
+    # the generated ids end with the token that stopped the text
+    assert out["min"][:5] == [99] * 5 and len(out["min"]) == 6 and out["min"][5] in eos  # 99: the next best
+    assert len(out["none"]) == 1 and out["none"][0] in eos  # without min_tokens the first token ends it
+    assert 99 not in out["stop-id"][:3] and out["stop-id"][3:] == [99]

@@ -302,6 +302,9 @@ class LLMEngine:
         params = req.params
         root = self.hasher.root(req.cache_salt)
         seq = Sequence(req.request_id, prompt, params, root, prompt_packed=packed)
+        if params.min_tokens > 0:  # until then the tokens that would end it are not drawn (as vLLM does)
+            eos = set() if params.ignore_eos else self.eos_ids
+            seq.held_back = sorted(eos | set(params.stop_token_ids))
         # A view of the packed ids, hashed in place: no second conversion of the ids.
         seq.block_hashes = self.hasher.hash_blocks(np.frombuffer(packed, dtype="<i4"), parent=root)
         if params.seed is not None and not params.greedy:

@@ -6,6 +6,7 @@ frequency penalties and logit_bias, and the repetition penalty of transformers a
 - repetition (transformers' `RepetitionPenaltyLogitsProcessor`): over the prompt's and the generated
   tokens, a positive logit is divided by the penalty and a negative one multiplied by it.
 - logit_bias: added to the named tokens' logits.
+- min_tokens: until that many are out, the tokens that would end the text are never drawn.
 
 Each sequence keeps its counts on the device and adds only the tokens generated since its last step,
 so a step costs a few small launches per penalised row whatever the prompt's length.
@@ -67,9 +68,13 @@ class PenaltyState:
 
 
 def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Applies each sequence's penalties and bias to its row of `logits` [N, V] (float32), in place."""
+    """Applies each sequence's penalties and bias to its row of `logits` [N, V] (float32), in place, and
+    keeps its `held_back` tokens (end of text, stop ids) from being drawn before `min_tokens`."""
     for i, seq in enumerate(seqs):
         p = seq.params
+        if seq.held_back and len(seq.output_ids) < p.min_tokens:
+            held = [t for t in seq.held_back if t < logits.shape[-1]]
+            logits[i, held] = float("-inf")
         if not adjusts_logits(p):
             continue
         if seq.penalties is None:

@@ -48,6 +48,7 @@ class Sequence:
     stop_reason: str | int | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     penalties: PenaltyState | None = None  # made at its first sampled step when its params adjust logits
+    held_back: list[int] = field(default_factory=list)  # token ids not drawn before params.min_tokens
     reported_first: bool = False
     # Later prefix blocks loading while the earlier ones are recomputed (TieredStore.match).
     pending_load: PendingLoad | None = None
