@@ -49,6 +49,15 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     assert [m.id for m in models] == [SERVED_MODEL]
 
 
+def test_models_retrieve_gives_the_served_model_and_a_404_for_another(client: openai.OpenAI) -> None:
+    model = Model.model_validate(client.models.retrieve(SERVED_MODEL).model_dump())
+    assert model.id == SERVED_MODEL and model.object == "model"
+    for other in ("gpt-4o", "org/some-model"):
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve(other)
+        assert err.value.body["code"] == "model_not_found" and other in err.value.body["message"]  # type: ignore[index]
+
+
 def test_chat_completion_has_openai_shape_and_counts_prompt_tokens_of_the_chat_template(
     client: openai.OpenAI, tokenizer: Any
 ) -> None:

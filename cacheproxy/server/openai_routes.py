@@ -677,16 +677,30 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _handle(request, "completions")
 
 
+def _model_object(state: ServerState) -> dict[str, Any]:
+    return {"id": state.engine.model_name, "object": "model", "created": int(state.started_at),
+            "owned_by": "cacheproxy", "max_model_len": state.engine.max_model_len}
+
+
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     require_ready(state)
     tenant_of(request, state.settings)
-    model = {"id": state.engine.model_name, "object": "model", "created": int(state.started_at),
-             "owned_by": "cacheproxy", "max_model_len": state.engine.max_model_len}
-    return web.json_response({"object": "list", "data": [model]})
+    return web.json_response({"object": "list", "data": [_model_object(state)]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model} (the SDK's `models.retrieve`): the served model, or OpenAI's 404."""
+    state = request.app[STATE]
+    require_ready(state)
+    tenant_of(request, state.settings)
+    check_model(request.match_info["model"], state)
+    return web.json_response(_model_object(state))
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
+    # ids may hold a slash (org/name), so the tail of the path is the id
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
