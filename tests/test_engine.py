@@ -447,7 +447,8 @@ def test_rope_parameters_of_transformers_5_configs_are_read(tmp_path: Path, mode
 @pytest.mark.parametrize(
     ("key", "value", "named"),
     [("hidden_act", "gelu", "hidden_act"), ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
-     ("rope_parameters", {"full_attention": {"rope_theta": 1e4}}, "rope_parameters")],
+     ("rope_parameters", {"full_attention": {"rope_theta": 1e4}}, "rope_parameters"),
+     ("num_key_value_heads", 3, "not a multiple of num_key_value_heads 3")],
 )  # fmt: skip
 def test_config_switches_the_engine_does_not_implement_are_refused(
     tmp_path: Path, models: dict[str, Path], key: str, value: object, named: str

@@ -89,6 +89,9 @@ class ModelConfig:
         switched = reads_attention_bias and bool(cfg.get("attention_bias", False))
         mlp_bias = reads_mlp_bias and bool(cfg.get("mlp_bias", False))
         heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        if kv_heads < 1 or heads % kv_heads:
+            raise UnsupportedModel(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         hidden = int(cfg["hidden_size"])
         head_dim = int(cfg.get("head_dim") or hidden // heads)
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
@@ -110,7 +113,7 @@ class ModelConfig:
             intermediate_size=int(cfg["intermediate_size"]),
             num_hidden_layers=int(cfg["num_hidden_layers"]),
             num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            num_key_value_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
