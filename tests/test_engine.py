@@ -456,3 +456,13 @@ def test_config_switches_the_engine_does_not_implement_are_refused(
     folder = _rewritten_config(models["llama"], tmp_path / "odd", lambda cfg: cfg.update({key: value}))
     with pytest.raises(UnsupportedModel, match=named):
         _engine(folder, tmp_path / "data")
+
+
+def test_a_head_dim_that_is_not_a_power_of_two_runs_on_the_cpu_engine(tmp_path: Path) -> None:
+    # e.g. 80 (h2o-danube's): the torch twins take any width; CUDA refuses it by name (tests/gpu)
+    model = make_tiny_model(tmp_path / "hd20", "llama", seed=7, init_std=0.15, head_dim=20)
+    engine = _engine(model, tmp_path / "data")
+    ids = _prompts(7, [50], engine.config.vocab_size)[0]
+    with torch.no_grad():
+        ref = _hf(model)(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(engine.score(ids), ref, atol=2e-4, rtol=1e-4)

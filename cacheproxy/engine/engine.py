@@ -23,7 +23,7 @@ from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
 from cacheproxy.engine.detokenizer import IncrementalDetokenizer
 from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
-from cacheproxy.engine.model_config import ModelConfig
+from cacheproxy.engine.model_config import ModelConfig, UnsupportedModel
 from cacheproxy.engine.model_files import model_fingerprint, resolve_model
 from cacheproxy.engine.request import (
     EngineError,
@@ -142,6 +142,13 @@ class LLMEngine:
         path = resolve_model(settings.model, settings.data_dir)
         cfg = ModelConfig.from_path(path)
         device = pick_device(settings.device)
+        d = cfg.head_dim
+        if device.type == "cuda" and (d < 16 or d > 256 or d & (d - 1)):
+            # before the weights load: the Triton attention kernels tile head_dim in powers of two
+            raise UnsupportedModel(
+                f"head_dim {d}: the CUDA attention kernels take a power of two in [16, 256]; "
+                "this model runs on the CPU engine (device = cpu)"
+            )
         dtype = pick_dtype(settings.dtype, device, cfg)
         torch.manual_seed(settings.seed)
         model = build_model(cfg, device, dtype)

@@ -235,3 +235,11 @@ def test_penalties_and_logit_bias_on_cuda(models: dict[str, Path], tmp_path: Pat
     out = generate_blocking(engine, [GenerationRequest("f", prompt_ids, forced), GenerationRequest("p", prompt_ids, plain)])
     assert out["f"] == [77] * 12  # decode from CUDA graphs, the bias applied to the graph's logits
     assert out["p"] != [77] * 12  # its batch-mate's bias is not its own
+
+
+def test_a_head_dim_the_kernels_do_not_tile_is_refused_on_cuda_by_name(tmp_path: Path) -> None:
+    from cacheproxy.engine.model_config import UnsupportedModel
+
+    model = make_tiny_model(tmp_path / "hd80", "llama", seed=1, **{**SHAPE, "head_dim": 80})
+    with pytest.raises(UnsupportedModel, match="head_dim 80"):
+        _engine(model, tmp_path / "data")
