@@ -130,3 +130,16 @@ def test_without_tools_in_the_request_text_is_never_parsed() -> None:
     chunks, full = _replay(shape, [text], "stop")
     assert _accumulate(chunks) == (text, [], "stop")
     assert ChatCompletion.model_validate(full).choices[0].message.tool_calls is None
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_false_keeps_the_first_call_only(parallel: bool) -> None:
+    shape = ChatShape("chatcmpl-4", "m", 0, tool_format="hermes", parallel_tool_calls=parallel)
+    text = ('<tool_call>{"name": "weather", "arguments": {"city": "Paris"}}</tool_call>'
+            '<tool_call>{"name": "time", "arguments": {"zone": "CET"}}</tool_call>')  # fmt: skip
+    chunks, full = _replay(shape, [text[i : i + 7] for i in range(0, len(text), 7)], "stop")
+    _, calls, reason = _accumulate(chunks)
+    names = [c["name"] for c in calls]
+    assert names == (["weather", "time"] if parallel else ["weather"]) and reason == "tool_calls"
+    message = ChatCompletion.model_validate(full).choices[0].message
+    assert [c.function.name for c in message.tool_calls or []] == names

@@ -295,10 +295,18 @@ class ChatShape(ResponseShape):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, response_id: str, model: str, created: int, tool_format: str | None = None) -> None:
+    def __init__(self, response_id: str, model: str, created: int, tool_format: str | None = None,
+                 parallel_tool_calls: bool = True) -> None:
         super().__init__(response_id, model, created)
         # Set when the request offered tools: calls in the text become `tool_calls`.
         self.tool_format = tool_format
+        # parallel_tool_calls=false: a message carries at most one call (the first the model wrote).
+        self.max_calls = None if parallel_tool_calls else 1
+
+    def _calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        assert self.tool_format is not None
+        content, calls = parse_tool_calls(text, self.tool_format)
+        return content, calls[: self.max_calls]
 
     def start_choice(self, index: int) -> dict[str, Any]:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -322,7 +330,7 @@ class ChatShape(ResponseShape):
         if self.tool_format is not None:
             full = "".join(choice.text_parts)
             rest = full[choice.emitted :]
-            content, calls = parse_tool_calls(rest, self.tool_format)
+            content, calls = self._calls(rest)
             if calls:
                 if content:
                     delta["content"] = content
@@ -338,7 +346,7 @@ class ChatShape(ResponseShape):
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         reason = choice.finish_reason
         if self.tool_format is not None:
-            content, calls = parse_tool_calls(text, self.tool_format)
+            content, calls = self._calls(text)
             if calls:
                 message["content"], message["tool_calls"], reason = content, calls, "tool_calls"
         return {"index": choice.index, "message": message,
@@ -621,7 +629,8 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
             tool_format = None
             if req.tools and req.tool_choice != "none":
                 tool_format = tool_call_format(state.engine.tokenizer.chat_template)
-            shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time), tool_format)
+            shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time), tool_format,
+                                             req.parallel_tool_calls is not False)
         else:
             if req.echo and req.logprobs is not None:
                 raise ApiError(400, "echo with logprobs is not supported", code="invalid_value", param="echo")
