@@ -386,3 +386,43 @@ def test_logit_bias_and_penalties_reach_the_sampler_and_bad_ones_get_a_400(
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=SERVED_MODEL, messages=messages, max_tokens=2,
                                        extra_body={"repetition_penalty": 0})  # fmt: skip
+
+
+READ_FILE = {"type": "function", "function": {
+    "name": "read_file", "description": "Read a file of the repository.",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}  # fmt: skip
+
+
+def test_a_named_tool_choice_starts_the_answer_with_that_call(client: openai.OpenAI, tokenizer: Any) -> None:
+    messages = [{"role": "user", "content": "What does config.py define?"}]
+    named = {"type": "function", "function": {"name": "read_file"}}
+    forced = client.chat.completions.create(
+        model=SERVED_MODEL, messages=messages, tools=[READ_FILE], tool_choice=named, max_tokens=6, temperature=0,
+        extra_body={"cache_salt": fresh_salt(), "ignore_eos": True},
+    )  # fmt: skip
+    prefix = '<tool_call>\n{"name": "read_file", "arguments": '  # the tiny model's template writes Hermes calls
+    base = chat_prompt_ids(tokenizer, messages, tools=[READ_FILE])
+    assert forced.usage is not None
+    rendered = tokenizer.apply_chat_template(messages, tools=[READ_FILE])
+    assert forced.usage.prompt_tokens == len(tokenizer.encode(rendered + prefix, add_special_tokens=False))
+    # random weights do not finish the call, so it comes back as text: the model went on from the prefix
+    content = forced.choices[0].message.content or ""
+    assert content.startswith(prefix) and len(content) > len(prefix)
+    auto = client.chat.completions.create(model=SERVED_MODEL, messages=messages, tools=[READ_FILE], max_tokens=6,
+                                          temperature=0, extra_body={"cache_salt": fresh_salt()})  # fmt: skip
+    assert auto.usage is not None and auto.usage.prompt_tokens == len(base)
+
+
+@pytest.mark.parametrize(
+    ("tools", "choice", "needle"),
+    [([READ_FILE], {"type": "function", "function": {"name": "write_file"}}, "not among the tools"),
+     (None, "required", "needs tools"),
+     ([READ_FILE], "sometimes", "tool_choice must be")],
+)  # fmt: skip
+def test_a_tool_choice_that_cannot_be_honoured_is_a_400(
+    client: openai.OpenAI, tools: Any, choice: Any, needle: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=SERVED_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       tools=tools, tool_choice=choice, max_tokens=2)  # fmt: skip
+    assert needle in str(err.value) and err.value.body["param"] == "tool_choice"  # type: ignore[index]

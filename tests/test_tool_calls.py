@@ -143,3 +143,36 @@ def test_parallel_tool_calls_false_keeps_the_first_call_only(parallel: bool) -> 
     assert names == (["weather", "time"] if parallel else ["weather"]) and reason == "tool_calls"
     message = ChatCompletion.model_validate(full).choices[0].message
     assert [c.function.name for c in message.tool_calls or []] == names
+
+
+@pytest.mark.parametrize(
+    ("fmt", "continuation"),
+    [("hermes", '{"city": "Paris", "unit": "celsius"}}\n</tool_call>'),
+     ("mistral", '{"city": "Paris", "unit": "celsius"}}]'),
+     ("json", '{"city": "Paris", "unit": "celsius"}}')],
+)  # fmt: skip
+def test_a_forced_call_prefix_and_the_model_continuation_parse_as_that_call(fmt: str, continuation: str) -> None:
+    from cacheproxy.server.tool_calls import forced_call_prefix
+
+    prefix = forced_call_prefix(fmt, "weather")
+    assert '"name": "weather"' in prefix
+    # what the server does: the choice's text starts with the prefix the prompt ended with
+    shape = ChatShape("chatcmpl-5", "m", 0, tool_format=fmt)
+    streamed, whole = Choice(0, 0, [prefix]), Choice(0, 0, [prefix])
+    chunks = [shape.chunk([shape.start_choice(0)])]
+    for i in range(0, len(continuation), 4):
+        for choice in (streamed, whole):
+            choice.text_parts.append(continuation[i : i + 4])
+        entry = shape.delta_choice(streamed, continuation[i : i + 4], None, 0)
+        if entry is not None:
+            chunks.append(shape.chunk([entry]))
+    streamed.finish_reason = whole.finish_reason = "stop"
+    chunks.append(shape.chunk([shape.finish_choice(streamed)]))
+    content, calls, reason = _accumulate(chunks)
+    assert (content, calls, reason) == ("", [{"name": "weather", "arguments": WEATHER}], "tool_calls")
+    full = shape.full([shape.full_choice(whole, False)], {"prompt_tokens": 1, "completion_tokens": 1,
+                                                          "total_tokens": 2})  # fmt: skip
+    message = ChatCompletion.model_validate(full).choices[0].message
+    assert message.tool_calls is not None and message.tool_calls[0].function.name == "weather"
+    # "required": the model writes the name too
+    assert forced_call_prefix(fmt, None).endswith('{"name": "')

@@ -34,7 +34,7 @@ from cacheproxy.server.errors import ApiError
 from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from cacheproxy.server.sse import SSEStream
 from cacheproxy.server.state import REQUEST_ID, STATE, ServerState
-from cacheproxy.server.tool_calls import held_from, parse_tool_calls, tool_call_format
+from cacheproxy.server.tool_calls import forced_call_prefix, held_from, parse_tool_calls, tool_call_format
 
 log = get_logger(__name__)
 
@@ -84,6 +84,9 @@ def _engine_error(exc: EngineError) -> ApiError:
 class PromptInput:
     token_ids: list[int]
     text: str | None = None  # for echo
+    # the start of a tool call written for the model (tool_choice required or named): part of the
+    # prompt's tokens, and of the answer's text the calls are parsed from
+    answer_prefix: str = ""
 
 
 def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> PromptInput:
@@ -97,8 +100,10 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> PromptInput:
                                        **(req.chat_template_kwargs or {}))
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_messages", param="messages") from None
+    forced, name = req.forced_tool()
+    prefix = forced_call_prefix(tool_call_format(tok.chat_template), name) if forced and req.add_generation_prompt else ""
     # The template writes BOS itself; adding special tokens again would double it.
-    return PromptInput(tok.encode(text, add_special_tokens=False))
+    return PromptInput(tok.encode(text + prefix, add_special_tokens=False), answer_prefix=prefix)
 
 
 def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[PromptInput]:
@@ -411,7 +416,8 @@ class GenerationRun:
         self.stream = stream
         self.include_usage = include_usage
         self.logprobs = logprobs
-        self.choices = [Choice(j.choice_index, j.prompt_index) for j in jobs]
+        self.choices = [Choice(j.choice_index, j.prompt_index, [j.prompt.answer_prefix] if j.prompt.answer_prefix
+                               else []) for j in jobs]
         self.engine_start = 0.0
         self.engine_end = 0.0
 
@@ -627,7 +633,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
             logprobs_k = req.logprobs_k()
             param = "messages"
             tool_format = None
-            if req.tools and req.tool_choice != "none":
+            if req.tools and req.tool_choice != "none":  # forced calls too: the prefix is their text's start
                 tool_format = tool_call_format(state.engine.tokenizer.chat_template)
             shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time), tool_format,
                                              req.parallel_tool_calls is not False)

@@ -128,7 +128,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[ToolDefinition] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # the template sees the tools; choice is not enforced
+    # "auto", "none", "required" or {"type": "function", "function": {"name": ...}}: the last two start the
+    # answer with a call in the template's format (`forced_tool`)
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None  # accepted, not enforced (no guided decoding)
     reasoning_effort: str | None = None
@@ -140,6 +142,27 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs to be true", code="invalid_value",
                            param="top_logprobs")
+        self.forced_tool()
+
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(whether the answer must be a tool call, the function it must call or None for any)."""
+        choice = self.tool_choice
+        if choice is None or choice in ("auto", "none"):
+            return False, None
+        names = [t.function.name for t in self.tools or []]
+        if choice == "required":
+            if not names:
+                raise ApiError(400, 'tool_choice "required" needs tools', code="invalid_value", param="tool_choice")
+            return True, None
+        fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                '"function": {"name": ...}}', code="invalid_value", param="tool_choice")
+        if name not in names:
+            raise ApiError(400, f"tool_choice names the function {name!r}, which is not among the tools",
+                           code="invalid_value", param="tool_choice")
+        return True, name
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -116,3 +116,15 @@ def held_from(text: str, fmt: str) -> int:
     if any(head.startswith(m) or m.startswith(head) for m in markers):
         return 0  # the whole message may be a call: hold it to the end
     return len(text)
+
+
+def forced_call_prefix(fmt: str, name: str | None) -> str:
+    """The start of a call in `fmt`, written after the generation prompt when the request's tool_choice
+    requires a call: the model continues it (with `name` given, from the arguments on)."""
+    head = '{"name": "' + (name + '", "parameters": ' if name is not None and fmt == "json" else
+                           name + '", "arguments": ' if name is not None else "")
+    if fmt == "hermes":
+        return HERMES_OPEN + "\n" + head
+    if fmt == "mistral":
+        return MISTRAL_MARK + "[" + head
+    return head
