@@ -408,6 +408,12 @@ def test_a_named_tool_choice_starts_the_answer_with_that_call(client: openai.Ope
     # random weights do not finish the call, so it comes back as text: the model went on from the prefix
     content = forced.choices[0].message.content or ""
     assert content.startswith(prefix) and len(content) > len(prefix)
+    flat = client.chat.completions.create(  # the Responses API's shape of the same choice
+        model=SERVED_MODEL, messages=messages, tools=[READ_FILE], max_tokens=6, temperature=0,
+        tool_choice={"type": "function", "name": "read_file"},  # type: ignore[arg-type,typeddict-item]
+        extra_body={"cache_salt": fresh_salt(), "ignore_eos": True},
+    )  # fmt: skip
+    assert (flat.choices[0].message.content or "").startswith(prefix)
     auto = client.chat.completions.create(model=SERVED_MODEL, messages=messages, tools=[READ_FILE], max_tokens=6,
                                           temperature=0, extra_body={"cache_salt": fresh_salt()})  # fmt: skip
     assert auto.usage is not None and auto.usage.prompt_tokens == len(base)

@@ -154,8 +154,10 @@ class ChatCompletionRequest(_SamplingFields):
             if not names:
                 raise ApiError(400, 'tool_choice "required" needs tools', code="invalid_value", param="tool_choice")
             return True, None
-        fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
-        name = fn.get("name") if isinstance(fn, dict) else None
+        name = None
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            fn = choice.get("function")  # chat completions' shape; the Responses API puts the name on top
+            name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
         if not isinstance(name, str):
             raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
                                 '"function": {"name": ...}}', code="invalid_value", param="tool_choice")
