@@ -101,10 +101,11 @@ def load_weights(model: CausalLM, path: Path) -> None:
     if model.config.tie_word_embeddings:
         loaded.add("lm_head.weight")
         embedding = model.model.embed_tokens.weight
-        if tied_head is not None and not torch.equal(tied_head.to(embedding.device, embedding.dtype), embedding.data):
+        head = None if tied_head is None else tied_head.to(embedding.device, embedding.dtype)
+        if head is not None and not torch.equal(head, embedding.data):
             # A "tied" config whose file holds a different head: transformers then keeps the two apart,
             # and so do we (the head gets its own memory).
-            model.lm_head.weight = torch.nn.Parameter(tied_head.to(embedding.device, embedding.dtype), requires_grad=False)
+            model.lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
     missing = sorted(set(layout) - loaded)
     if missing:
         raise UnsupportedModel(f"weights missing from {path}: {', '.join(missing[:8])}")
