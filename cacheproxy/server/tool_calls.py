@@ -121,8 +121,9 @@ def held_from(text: str, fmt: str) -> int:
 def forced_call_prefix(fmt: str, name: str | None) -> str:
     """The start of a call in `fmt`, written after the generation prompt when the request's tool_choice
     requires a call: the model continues it (with `name` given, from the arguments on)."""
-    head = '{"name": "' + (name + '", "parameters": ' if name is not None and fmt == "json" else
-                           name + '", "arguments": ' if name is not None else "")
+    head = '{"name": "'
+    if name is not None:  # Llama 3's calls name their arguments "parameters"
+        head += f'{name}", "{"parameters" if fmt == "json" else "arguments"}": '
     if fmt == "hermes":
         return HERMES_OPEN + "\n" + head
     if fmt == "mistral":
