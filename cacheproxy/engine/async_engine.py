@@ -19,7 +19,13 @@ import torch
 
 from cacheproxy.config import Settings
 from cacheproxy.engine.engine import LLMEngine
-from cacheproxy.engine.request import EngineError, EngineOverloaded, GenerationOutput, GenerationRequest
+from cacheproxy.engine.request import (
+    EngineError,
+    EngineOverloaded,
+    GenerationOutput,
+    GenerationRequest,
+    StructuredOutput,
+)
 from cacheproxy.engine.tokenizer import Tokenizer
 from cacheproxy.log import get_logger
 
@@ -88,6 +94,8 @@ class AsyncEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         engine = self._require()
         engine.check_request(request)
+        if request.params.structured is not None:
+            await self.check_structured(request.params.structured)
         if engine.num_waiting + self._pending >= self.settings.max_waiting_requests:
             raise EngineOverloaded()
         rid = request.request_id
@@ -116,6 +124,12 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(("abort", rid))
                 self._wake.set()
+
+    async def check_structured(self, spec: StructuredOutput) -> None:
+        """Raises EngineError when the constraint does not compile. Compiling may take a while (a
+        second for the first on a large vocabulary), so it runs off the event loop."""
+        engine = self._require()
+        await asyncio.get_running_loop().run_in_executor(None, engine.check_structured, spec)
 
     async def run_on_engine(self, fn: Callable[[LLMEngine], T]) -> T:
         """Runs fn(engine) on the engine thread between two steps (admin operations)."""

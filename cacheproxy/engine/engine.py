@@ -21,6 +21,7 @@ from cacheproxy.cache.tiered_store import TieredStore, build_lower_tiers
 from cacheproxy.config import Settings
 from cacheproxy.engine.block_pool import BlockIdentity, BlockPool
 from cacheproxy.engine.detokenizer import IncrementalDetokenizer
+from cacheproxy.engine.grammar import GrammarCompiler
 from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.model_config import ModelConfig, UnsupportedModel
@@ -30,6 +31,7 @@ from cacheproxy.engine.request import (
     GenerationOutput,
     GenerationRequest,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
 )
 from cacheproxy.engine.runner import ModelRunner, StepResult
@@ -122,6 +124,9 @@ class LLMEngine:
         self._to_release: list[Sequence] = []
         self.streams: dict[str, _Stream] = {}
         self.eos_ids = set(tokenizer.eos_token_ids) | set(cfg.eos_token_id)
+        self.grammars = GrammarCompiler(
+            tokenizer.to_json, max(cfg.vocab_size, tokenizer.vocab_size), sorted(self.eos_ids)
+        )
         self.cost_model = self._measure_costs()
         if settings.cost_model:
             self.store.cost_model = self.cost_model
@@ -269,8 +274,13 @@ class LLMEngine:
     # --- requests -----------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:
         """Raises EngineError for a request the engine can never run. Reads only fixed state, so
-        any thread may call it."""
+        any thread may call it. A structured output is checked apart (`check_structured`)."""
         self._checked_prompt(req)
+
+    def check_structured(self, spec: StructuredOutput) -> None:
+        """Raises EngineError when `spec` does not compile. May take milliseconds (a second the first
+        time), any thread may call it, and `add_request` then finds it compiled."""
+        self.grammars.check(spec)
 
     def _checked_prompt(self, req: GenerationRequest) -> tuple[list[int], bytes]:
         """check_request's checks; returns a copy of the prompt's ids and their int32-LE bytes, made
@@ -309,7 +319,11 @@ class LLMEngine:
         params = req.params
         root = self.hasher.root(req.cache_salt)
         seq = Sequence(req.request_id, prompt, params, root, prompt_packed=packed)
-        if params.min_tokens > 0:  # until then the tokens that would end it are not drawn (as vLLM does)
+        if params.structured is not None:
+            seq.matcher = self.grammars.matcher(params.structured)
+        # Until min_tokens the tokens that would end the text are not drawn (as vLLM does); a structured
+        # output ends where its constraint says.
+        if params.min_tokens > 0 and params.structured is None:
             eos = set() if params.ignore_eos else self.eos_ids
             seq.held_back = sorted(eos | set(params.stop_token_ids))
         # A view of the packed ids, hashed in place: no second conversion of the ids.
@@ -369,6 +383,9 @@ class LLMEngine:
             if seq.is_finished:  # aborted while the step ran
                 continue
             seq.output_ids.append(token)
+            if seq.matcher is not None and not seq.matcher.accept(token):
+                log.warning("structured output rejected a sampled token", request_id=seq.request_id,
+                            token=token, error=seq.matcher.error)  # fmt: skip
             if lp is not None:
                 seq.pending_logprobs.append(self._logprob(token, lp))
             outputs.append(self._emit(seq, token))
@@ -426,6 +443,8 @@ class LLMEngine:
             if hit is not None:
                 finish, stop_reason = "stop", hit[1]
                 detok.text = detok.text[: hit[0]]
+            elif seq.matcher is not None and (seq.matcher.done or seq.matcher.error):
+                finish = "stop"  # the structured output is complete (or cannot go on)
             elif n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 finish = "length"
         if finish is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class EngineError(Exception):
@@ -17,6 +18,16 @@ class EngineError(Exception):
 class EngineOverloaded(EngineError):
     def __init__(self, message: str = "too many requests waiting; retry later") -> None:
         super().__init__(message, code="rate_limit_exceeded", status=429)
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """What a request's text must match (engine/grammar.py). `spec`: a JSON schema as JSON text, a
+    regex, a JSON list of strings (choice), a grammar in Lark or GBNF (told apart by its syntax), or
+    one in llguidance's Lark (which may embed JSON schemas as `%json{...}`)."""
+
+    kind: Literal["json_schema", "regex", "choice", "grammar", "lark"]
+    spec: str
 
 
 @dataclass(slots=True)
@@ -35,6 +46,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # transformers' and vLLM's, over prompt and generated tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured: StructuredOutput | None = None  # the text must match it (engine/grammar.py)
 
     def validate(self) -> None:
         if self.max_tokens < 1:

@@ -9,6 +9,7 @@ import torch
 
 import kernels
 from cacheproxy.engine.cuda_graphs import StepGraphs
+from cacheproxy.engine.grammar import apply_masks
 from cacheproxy.engine.layer_gate import LayerGate
 from cacheproxy.engine.model import CausalLM
 from cacheproxy.engine.penalties import adjust_logits
@@ -157,6 +158,9 @@ class ModelRunner:
         sampling = [c for c in step.chunks if c.samples]
         params = [c.seq.params for c in sampling]
         adjust_logits(logits, [c.seq for c in sampling])
+        structured = [(i, c.seq.matcher) for i, c in enumerate(sampling) if c.seq.matcher is not None]
+        if structured:
+            apply_masks(logits, [i for i, _ in structured], [m for _, m in structured])
         tokens, logprobs = sample(logits, params, [c.seq.generator for c in sampling])
         lp_out: list[tuple[float, list[tuple[int, float]]] | None] = []
         for i, c in enumerate(sampling):

@@ -14,6 +14,7 @@ from cacheproxy.cache.tiered_store import PendingLoad
 from cacheproxy.engine.request import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
+    from cacheproxy.engine.grammar import TokenMatcher
     from cacheproxy.engine.penalties import PenaltyState
 
 
@@ -48,6 +49,7 @@ class Sequence:
     stop_reason: str | int | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     penalties: PenaltyState | None = None  # made at its first sampled step when its params adjust logits
+    matcher: TokenMatcher | None = None  # where its structured output stands, when it asked for one
     held_back: list[int] = field(default_factory=list)  # token ids not drawn before params.min_tokens
     reported_first: bool = False
     # Later prefix blocks loading while the earlier ones are recomputed (TieredStore.match).

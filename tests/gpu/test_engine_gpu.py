@@ -243,3 +243,57 @@ def test_a_head_dim_the_kernels_do_not_tile_is_refused_on_cuda_by_name(tmp_path:
     model = make_tiny_model(tmp_path / "hd80", "llama", seed=1, **{**SHAPE, "head_dim": 80})
     with pytest.raises(UnsupportedModel, match="head_dim 80"):
         _engine(model, tmp_path / "data")
+
+
+def test_structured_outputs_on_cuda_hold_and_leave_batch_mates_alone(models: dict[str, Path], tmp_path: Path) -> None:
+    import json
+    import re
+
+    import jsonschema
+    import numpy as np
+
+    from cacheproxy.engine.grammar import apply_masks
+    from cacheproxy.engine.request import StructuredOutput
+
+    class Fixed:  # a matcher whose mask is given: the unpacking on the device against numpy's
+        def __init__(self, row: np.ndarray) -> None:
+            self.row, self.words = row, row.shape[0]
+
+        def fill_mask(self, out: np.ndarray) -> None:
+            out[:] = self.row
+
+    rng = np.random.default_rng(0)
+    logits = torch.randn(5, 2000, generator=torch.Generator().manual_seed(1))
+    masks = rng.integers(-(2**31), 2**31, size=(3, 63), dtype=np.int64).astype(np.int32)
+    got = logits.cuda()
+    apply_masks(got, [0, 2, 4], [Fixed(m) for m in masks])  # type: ignore[misc]
+    want = logits.clone()
+    for row, m in zip([0, 2, 4], masks, strict=True):
+        bits = np.unpackbits(m.view(np.uint8), bitorder="little")[:2000]
+        want[row, torch.from_numpy(bits == 0)] = float("-inf")
+    assert torch.equal(got.cpu(), want)
+
+    schema = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999},
+              "tag": {"enum": ["a", "b"]}, "note": {"type": "string", "maxLength": 5}},
+              "required": ["id", "tag", "note"], "additionalProperties": False}  # fmt: skip
+    engine = _engine(models["llama"], tmp_path)  # CUDA graphs on: decode logits come from the graphs
+    specs = {"json": StructuredOutput("json_schema", json.dumps(schema)), "re": StructuredOutput("regex", r"[a-f]{4}-\d\d"),
+             "choice": StructuredOutput("choice", '["north", "south", "east"]')}  # fmt: skip
+    prompts = _prompts(10, [30, 50, 70, 90])
+    plain = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    alone = generate_blocking(engine, [GenerationRequest("alone", prompts[0], plain)])["alone"]
+    reqs = [GenerationRequest("plain", prompts[0], plain)]
+    for name, spec in specs.items():
+        for seed in range(3):
+            reqs.append(GenerationRequest(f"{name}-{seed}", prompts[1 + seed], SamplingParams(
+                max_tokens=120, temperature=0.0 if seed == 0 else 1.0, seed=seed, structured=spec)))  # fmt: skip
+    out = generate_blocking(engine, reqs)
+    assert out["plain"] == alone
+    for rid, ids in out.items():
+        text = engine.tokenizer.decode(ids)
+        if rid.startswith("json"):
+            jsonschema.validate(json.loads(text), schema)
+        elif rid.startswith("re"):
+            assert re.fullmatch(r"[a-f]{4}-\d\d", text), text
+        elif rid.startswith("choice"):
+            assert text in ("north", "south", "east"), text
