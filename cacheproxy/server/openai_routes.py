@@ -26,6 +26,7 @@ from cacheproxy.engine.request import (
     GenerationOutput,
     GenerationRequest,
     SamplingParams,
+    StructuredOutput,
     TokenLogprob,
 )
 from cacheproxy.log import get_logger
@@ -34,7 +35,17 @@ from cacheproxy.server.errors import ApiError
 from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from cacheproxy.server.sse import SSEStream
 from cacheproxy.server.state import REQUEST_ID, STATE, ServerState
-from cacheproxy.server.tool_calls import forced_call_prefix, held_from, parse_tool_calls, tool_call_format
+from cacheproxy.server.tool_calls import (
+    HERMES_CLOSE,
+    HERMES_OPEN,
+    MISTRAL_MARK,
+    content_or_call_grammar,
+    forced_call_grammar,
+    forced_call_prefix,
+    held_from,
+    parse_tool_calls,
+    tool_call_format,
+)
 
 log = get_logger(__name__)
 
@@ -576,8 +587,35 @@ def _logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab: int) -> d
     return bias
 
 
+async def _structured(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> StructuredOutput | None:
+    """The request's constraint on its text, compiled once here so that a bad one is a 400 naming it.
+    A forced tool call is constrained to the function's parameters; a JSON response format next to
+    tools the model may call lets it answer either way."""
+    structured, param = req.structured_output(), "response_format"
+    if isinstance(req, ChatCompletionRequest) and req.tools and req.tool_choice != "none":
+        tok = state.engine.tokenizer
+        fmt = tool_call_format(tok.chat_template)
+        tools = {t.function.name: t.function.parameters for t in req.tools}
+        forced, name = req.forced_tool()
+        if forced and req.add_generation_prompt:
+            structured, param = forced_call_grammar(fmt, tools, name), "tools"
+        elif structured is not None:
+            markers = {m: tok.token_to_id(m) for m in (HERMES_OPEN, HERMES_CLOSE, MISTRAL_MARK)}
+            structured = content_or_call_grammar(fmt, structured, tools,
+                                                 {m: t for m, t in markers.items() if t is not None},
+                                                 req.parallel_tool_calls is not False)  # fmt: skip
+    if structured is None:
+        return None
+    try:
+        await state.engine.check_structured(structured)
+    except EngineError as exc:
+        raise ApiError(exc.status, str(exc), code=exc.code, param=param) from None
+    return structured
+
+
 def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None,
-              choice: int, defaults: dict[str, float | int], logit_bias: dict[int, float]) -> SamplingParams:
+              choice: int, defaults: dict[str, float | int], logit_bias: dict[int, float],
+              structured: StructuredOutput | None) -> SamplingParams:
     """`defaults`: what the request leaves unset falls back to (the model's generation config, or none:
     OpenAI's values)."""
     seed = None if req.seed is None else req.seed + choice  # distinct, reproducible seeds per choice
@@ -597,6 +635,7 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, l
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=logit_bias,
+        structured=structured,
     )
     try:
         params.validate()
@@ -651,10 +690,11 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         jobs: list[Job] = []
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
+        structured = await _structured(state, req)
         for p_idx, prompt in enumerate(prompts):
             max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt.token_ids), state, param)
             for k in range(req.n):
-                jobs.append(Job(p_idx * req.n + k, p_idx, prompt, _sampling(req, max_tokens, logprobs_k, k, defaults, bias)))
+                jobs.append(Job(p_idx * req.n + k, p_idx, prompt, _sampling(req, max_tokens, logprobs_k, k, defaults, bias, structured)))
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
         run = GenerationRun(request, state, record, shape, jobs,
                             cache_salt(record.tenant, req.cache_salt, state.settings), arrival,

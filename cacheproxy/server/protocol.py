@@ -1,16 +1,18 @@
 """The OpenAI request bodies the server accepts, as pydantic models.
 
 Fields that agent frameworks send are declared (so a wrong type is a 400) even where the server only
-accepts and ignores them (response_format, metadata, ...); any other unknown field
-is dropped silently, as `extra="ignore"` says. Responses are built as plain dicts in openai_routes.py.
+accepts and ignores them (metadata, store, ...); any other unknown field is dropped silently, as
+`extra="ignore"` says. Responses are built as plain dicts in openai_routes.py.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cacheproxy.engine.request import StructuredOutput
 from cacheproxy.server.errors import ApiError
 
 
@@ -44,6 +46,49 @@ class FunctionDefinition(_Lenient):
 class ToolDefinition(_Lenient):
     type: Literal["function"] = "function"
     function: FunctionDefinition
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str | None = None
+    description: str | None = None
+    # "schema" is a BaseModel attribute, hence the alias; no schema: any JSON object
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('a response_format of type "json_schema" needs "json_schema"')
+        return self
+
+
+class StructuredOutputs(_Lenient):
+    """vLLM's `structured_outputs` (one of its fields)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+def _json_schema(schema: dict[str, Any] | str, param: str) -> StructuredOutput:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise ApiError(400, f"{param} is not valid JSON", code="invalid_value", param=param) from None
+    if not isinstance(schema, dict):
+        raise ApiError(400, f"{param} must be a JSON object", code="invalid_value", param=param)
+    return StructuredOutput("json_schema", json.dumps(schema))
+
+
+_ANY_OBJECT = StructuredOutput("json_schema", '{"type": "object"}')
 
 
 class ContentPart(_Lenient):
@@ -106,6 +151,13 @@ class _SamplingFields(_Lenient):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    # What the text must match: OpenAI's response_format, or vLLM's guided_* / structured_outputs.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod
@@ -121,6 +173,38 @@ class _SamplingFields(_Lenient):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def structured_output(self) -> StructuredOutput | None:
+        """The one constraint the request names (None for plain text); two at once are a 400."""
+        found: list[tuple[str, StructuredOutput]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("response_format", _ANY_OBJECT))
+        elif fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+            schema = fmt.json_schema.schema_
+            found.append(("response_format", _ANY_OBJECT if schema is None
+                          else _json_schema(schema, "response_format.json_schema.schema")))  # fmt: skip
+        so = self.structured_outputs or StructuredOutputs()
+        for name, value in (("guided_json", self.guided_json), ("structured_outputs.json", so.json_)):
+            if value is not None:
+                found.append((name, _json_schema(value, name)))
+        if so.json_object:
+            found.append(("structured_outputs.json_object", _ANY_OBJECT))
+        for name, kind, text in (
+            ("guided_regex", "regex", self.guided_regex), ("structured_outputs.regex", "regex", so.regex),
+            ("guided_grammar", "grammar", self.guided_grammar), ("structured_outputs.grammar", "grammar", so.grammar),
+        ):  # fmt: skip
+            if text is not None:
+                found.append((name, StructuredOutput(kind, text)))  # type: ignore[arg-type]
+        for name, options in (("guided_choice", self.guided_choice), ("structured_outputs.choice", so.choice)):
+            if options is not None:
+                if not options:
+                    raise ApiError(400, f"{name} must not be empty", code="invalid_value", param=name)
+                found.append((name, StructuredOutput("choice", json.dumps(options))))
+        if len(found) > 1:
+            raise ApiError(400, f"{found[0][0]} and {found[1][0]} cannot be used together", code="invalid_value",
+                           param=found[1][0])  # fmt: skip
+        return found[0][1] if found else None
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -132,7 +216,6 @@ class ChatCompletionRequest(_SamplingFields):
     # answer with a call in the template's format (`forced_tool`)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None  # accepted, not enforced (no guided decoding)
     reasoning_effort: str | None = None
     modalities: list[str] | None = None
     chat_template_kwargs: dict[str, Any] | None = None

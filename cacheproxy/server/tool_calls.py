@@ -16,6 +16,9 @@ import json
 import uuid
 from typing import Any
 
+from cacheproxy.engine.grammar import JSON_LAYOUT
+from cacheproxy.engine.request import StructuredOutput
+
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 MISTRAL_MARK = "[TOOL_CALLS]"
 PYTHON_TAG = "<|python_tag|>"
@@ -129,3 +132,96 @@ def forced_call_prefix(fmt: str, name: str | None) -> str:
     if fmt == "mistral":
         return MISTRAL_MARK + "[" + head
     return head
+
+
+def _arguments_schema(parameters: dict[str, Any] | None) -> str:
+    schema = dict(parameters) if parameters else {"type": "object"}
+    schema.setdefault("x-guidance", JSON_LAYOUT)  # %json{...} takes its layout from the schema itself
+    return json.dumps(schema, ensure_ascii=False)
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _call_rules(fmt: str, tools: dict[str, dict[str, Any] | None], head: str) -> list[str]:
+    """Lark rules `call0`, `call1`, ...: one call object per tool, from after `head` (the part of
+    `{"name": "` already written) to its closing brace; arguments match the tool's schema."""
+    key = "parameters" if fmt == "json" else "arguments"
+    rules = []
+    for i, (tool, params) in enumerate(tools.items()):
+        start = f'{{"name": "{tool}", "{key}": '
+        assert start.startswith(head)
+        lead = _lark_string(start[len(head) :]) + " " if len(start) > len(head) else ""
+        rules.append(f'call{i}: {lead}%json{_arguments_schema(params)} "}}"')
+    return rules
+
+
+def forced_call_grammar(fmt: str, tools: dict[str, dict[str, Any] | None], name: str | None) -> StructuredOutput:
+    """What the model may write after `forced_call_prefix(fmt, name)`: the rest of one call whose
+    arguments match the function's parameters schema. `tools`: name -> parameters schema (None: any
+    object). With no name, the call may be to any of them."""
+    key = "parameters" if fmt == "json" else "arguments"
+    chosen = tools if name is None else {name: tools[name]}
+    head = '{"name": "' + ("" if name is None else f'{name}", "{key}": ')
+    rules = _call_rules(fmt, chosen, head)
+    alternatives = " | ".join(f"call{i}" for i in range(len(rules)))
+    start = f'start: ({alternatives}) "]"' if fmt == "mistral" else f"start: {alternatives}"
+    return StructuredOutput("lark", "\n".join([start, *rules]) + "\n")
+
+
+def content_or_call_grammar(
+    fmt: str,
+    content: StructuredOutput,
+    tools: dict[str, dict[str, Any] | None],
+    marker_ids: dict[str, int],
+    parallel: bool = True,
+) -> StructuredOutput:
+    """A JSON response format when the model may also call tools (tool_choice "auto"): the answer is
+    either content matching the schema or calls in the template's format with arguments matching their
+    tools, as with OpenAI, where response_format shapes the content and never stops a call.
+    `marker_ids`: the calls' markers (`<tool_call>`, `</tool_call>`, `[TOOL_CALLS]`) that are tokens of
+    the vocabulary, by text; the grammar engine matches added tokens only by id. Other kinds of
+    constraint are returned unchanged."""
+    if content.kind != "json_schema":
+        return content
+    schema = json.loads(content.spec)
+    if fmt == "json":
+        return _content_or_call_schema(schema, tools)
+    if isinstance(schema, dict):
+        schema.setdefault("x-guidance", JSON_LAYOUT)
+    rules = _call_rules(fmt, tools, "")
+    any_call = "call: " + " | ".join(f"call{i}" for i in range(len(rules)))
+
+    def marker(text: str) -> str:
+        token = marker_ids.get(text)
+        return _lark_string(text) if token is None else f"(<[{token}]> | {_lark_string(text)})"
+
+    if fmt == "hermes":
+        one = f'{marker(HERMES_OPEN)} "\\n" call "\\n" {marker(HERMES_CLOSE)}'
+        calls = f'calls: {one} ("\\n" {one})*' if parallel else f"calls: {one}"
+    elif fmt == "mistral":
+        calls = f'calls: {marker(MISTRAL_MARK)} "[" call (", " call)* "]"' if parallel else \
+            f'calls: {marker(MISTRAL_MARK)} "[" call "]"'
+    else:  # unreachable: json is one schema
+        raise ValueError(fmt)
+    lines = ["start: answer | calls", "answer: %json" + json.dumps(schema, ensure_ascii=False), calls, any_call, *rules]
+    return StructuredOutput("lark", "\n".join(lines) + "\n")
+
+
+def _content_or_call_schema(schema: Any, tools: dict[str, dict[str, Any] | None]) -> StructuredOutput:
+    """The "json" format's calls are JSON objects themselves, so content and calls are one schema (two
+    JSON grammars side by side would both claim the opening brace). The content schema's definitions
+    move to the root, where its `#/$defs/...` references look for them."""
+    content = dict(schema) if isinstance(schema, dict) else {}
+    root: dict[str, Any] = {"x-guidance": content.pop("x-guidance", JSON_LAYOUT)}
+    for key in ("$defs", "definitions"):
+        if key in content:
+            root[key] = content.pop(key)
+    calls = [
+        {"type": "object", "properties": {"name": {"const": name}, "parameters": params or {"type": "object"}},
+         "required": ["name", "parameters"], "additionalProperties": False}
+        for name, params in tools.items()
+    ]  # fmt: skip
+    root["anyOf"] = [content if isinstance(schema, dict) else schema, *calls]
+    return StructuredOutput("json_schema", json.dumps(root, ensure_ascii=False))
