@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from cacheproxy.server.openai_routes import ChatShape, Choice
+from cacheproxy.server.shapes import ChatShape, Choice
 from cacheproxy.server.tool_calls import held_from, parse_tool_calls, tool_call_format
 
 WEATHER = {"city": "Paris", "unit": "celsius"}
