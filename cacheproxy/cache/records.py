@@ -37,7 +37,7 @@ def cache_class(prompt_tokens: int, cached_tokens: int, block_size: int) -> Cach
 class RequestRecord:
     id: str
     time: float  # unix seconds at arrival
-    endpoint: str  # "chat" | "completions"
+    endpoint: str  # "chat" | "completions" | "responses"
     tenant: str
     model: str
     status: int  # HTTP status; 499: the client went away

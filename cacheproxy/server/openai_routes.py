@@ -31,8 +31,8 @@ from cacheproxy.engine.request import (
 from cacheproxy.log import get_logger
 from cacheproxy.server.auth import cache_salt, tenant_of
 from cacheproxy.server.errors import ApiError
-from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
-from cacheproxy.server.shapes import ChatShape, Choice, CompletionShape, ResponseShape
+from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest, parse_body
+from cacheproxy.server.shapes import ChatShape, Choice, CompletionShape, ResponseShape, ResponsesShape
 from cacheproxy.server.sse import SSEStream
 from cacheproxy.server.state import REQUEST_ID, STATE, ServerState
 from cacheproxy.server.tool_calls import (
@@ -362,10 +362,12 @@ class GenerationRun:
                             headers={"Server-Timing": timing})
 
     async def _stream(self, streams: ChoiceStreams, firsts: list[GenerationOutput]) -> web.StreamResponse:
-        sse = SSEStream(self.request, headers={"X-Request-Id": self.request[REQUEST_ID]})
+        shape = self.shape
+        sse = SSEStream(self.request, headers={"X-Request-Id": self.request[REQUEST_ID]},
+                        named_events=shape.named_events)  # fmt: skip
         entries: list[dict[str, Any]] = []
         for i in range(len(self.choices)):
-            start = self.shape.start_choice(self.choices[i].index)
+            start = shape.start_choice(self.choices[i].index)
             if start is not None:
                 entries.append(start)
         for i, out in enumerate(firsts):
@@ -373,21 +375,20 @@ class GenerationRun:
         await sse.open()
         usage_key = self.include_usage
         try:
-            await sse.send_many([self.shape.chunk([e], with_usage_key=usage_key) for e in entries])
+            await sse.send_many(shape.stream_payloads(entries, usage_key))
             async for i, out in streams.rest({i for i, o in enumerate(firsts) if o.finish_reason is None}):
                 entries = self._accept(i, out)
                 if entries:
-                    await sse.send_many([self.shape.chunk([e], with_usage_key=usage_key) for e in entries])
+                    await sse.send_many(shape.stream_payloads(entries, usage_key))
         except (ApiError, EngineError) as exc:
             # Headers are gone: the error travels as an event, as OpenAI's streams do.
             err = exc if isinstance(exc, ApiError) else _engine_error(exc)
             self.record.status, self.record.error = err.status, err.code
-            await sse.send(err.body())
+            await sse.send(shape.stream_error(err.body()))
             await sse.close()
             return sse.response
         self._finish_record()
-        if self.include_usage:
-            await sse.send(self.shape.chunk([], usage=self.usage()))
+        await sse.send_many(shape.stream_end(self.usage(), self.include_usage))
         await sse.close()
         return sse.response
 
@@ -476,17 +477,22 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
     state = request.app[STATE]
     arrival = time.monotonic()
     rid = request[REQUEST_ID]
-    prefix = "chatcmpl" if endpoint == "chat" else "cmpl"
+    record_id = {"chat": f"chatcmpl-{rid}", "completions": f"cmpl-{rid}", "responses": f"resp_{rid}"}[endpoint]
     # status 0 until answered; a streamed error sets its own status on the record.
-    record = RequestRecord(id=f"{prefix}-{rid}", time=time.time(), endpoint=endpoint, tenant="", model="",
-                           status=0)
+    record = RequestRecord(id=record_id, time=time.time(), endpoint=endpoint, tenant="", model="", status=0)
     try:
         require_ready(state)
         record.tenant = tenant_of(request, state.settings)
         structlog.contextvars.bind_contextvars(tenant=record.tenant)
         body = await read_json(request, state.settings.max_body_bytes)
         req: ChatCompletionRequest | CompletionRequest
-        if endpoint == "chat":
+        responses: ResponsesRequest | None = None
+        if endpoint == "responses":
+            responses = parse_body(ResponsesRequest, body)
+            responses.check()
+            req = parse_body(ChatCompletionRequest, responses.chat_body())
+            req.stream = responses.stream
+        elif endpoint == "chat":
             req = parse_body(ChatCompletionRequest, body)
         else:
             req = parse_body(CompletionRequest, body)
@@ -504,6 +510,9 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
                 tool_format = tool_call_format(state.engine.tokenizer.chat_template)
             shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time), tool_format,
                                              req.parallel_tool_calls is not False)
+            if responses is not None:
+                shape = ResponsesShape(record.id, state.engine.model_name, int(record.time), shape,
+                                       _responses_echo(responses))
         else:
             if req.echo and req.logprobs is not None:
                 raise ApiError(400, "echo with logprobs is not supported", code="invalid_value", param="echo")
@@ -552,6 +561,23 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
                  e2e_ms=round(record.e2e_s * 1000, 2))
 
 
+def _responses_echo(req: ResponsesRequest) -> dict[str, Any]:
+    """The request fields a Response object repeats."""
+    fmt = (req.text or {}).get("format") or {"type": "text"}
+    return {
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {},
+        "parallel_tool_calls": req.parallel_tool_calls is not False, "temperature": req.temperature,
+        "top_p": req.top_p, "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
+        "text": {"format": fmt}, "store": False, "truncation": "disabled", "user": req.user,
+        "previous_response_id": None, "reasoning": None,
+    }  # fmt: skip
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API, through the chat path (protocol.ResponsesRequest, shapes.ResponsesShape)."""
+    return await _handle(request, "responses")
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _handle(request, "chat")
 
@@ -584,6 +610,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     # ids may hold a slash (org/name), so the tail of the path is the id
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)

@@ -312,3 +312,131 @@ def parse_body(model: type[BaseModel], data: object) -> Any:
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid value")
         raise ApiError(400, f"{param}: {msg}" if param else msg, code="invalid_value", param=param) from None
+
+
+class ResponsesRequest(_Lenient):
+    """OpenAI's Responses API body (`POST /v1/responses`), served through the chat path: the input
+    items become chat messages for the model's template, so the cached prefix is the same either way.
+    Nothing is stored: a conversation is sent whole each turn (its prefix is cached)."""
+
+    model: str
+    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: TokenCount | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stream: bool = False
+    text: dict[str, Any] | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: bool | None = None
+    reasoning: dict[str, Any] | None = None  # accepted; the model writes no separate reasoning
+    truncation: str | None = None
+    include: list[str] | None = None
+    # not in OpenAI's Responses API; accepted as the chat route accepts them (vLLM does the same)
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    cache_salt: str | None = None
+
+    def check(self) -> None:
+        for name, value in (("previous_response_id", self.previous_response_id), ("conversation", self.conversation)):
+            if value is not None:
+                raise ApiError(400, f"{name} is not supported: responses are not stored, so send the whole "
+                                    "conversation as input (its prefix is cached)", code="unsupported_value",
+                               param=name)  # fmt: skip
+        if self.background:
+            raise ApiError(400, "background responses are not supported", code="unsupported_value",
+                           param="background")
+
+    def _tools(self) -> list[dict[str, Any]] | None:
+        if self.tools is None:
+            return None
+        out = []
+        for i, tool in enumerate(self.tools):
+            if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+                raise ApiError(400, f"tools[{i}]: only function tools ({{\"type\": \"function\", \"name\": ...}}) "
+                                    "are supported", code="unsupported_value", param=f"tools[{i}]")  # fmt: skip
+            fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+            out.append({"type": "function", "function": fn})
+        return out
+
+    def _response_format(self) -> dict[str, Any] | None:
+        fmt = (self.text or {}).get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise ApiError(400, 'text.format.type must be "text", "json_object" or "json_schema"',
+                           code="invalid_value", param="text.format")
+        if fmt["type"] != "json_schema":
+            return {"type": fmt["type"]}
+        spec = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The input items as chat messages: messages stay messages (input_text/output_text parts as
+        text), a run of function_call items is one assistant message with tool_calls, and each
+        function_call_output a tool message. Reasoning items are dropped (the model reasons in its text)."""
+        msgs: list[dict[str, Any]] = []
+        if self.instructions:
+            msgs.append({"role": "system", "content": self.instructions})
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        for i, item in enumerate(items):
+            kind = item.get("type", "message")
+            param = f"input[{i}]"
+            if kind == "message":
+                msgs.append({"role": item.get("role"), "content": _item_text(item.get("content"), param)})
+            elif kind == "function_call":
+                call = {"id": item.get("call_id"), "type": "function",
+                        "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
+                last = msgs[-1] if msgs else None
+                if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last["content"]):
+                    last.setdefault("tool_calls", []).append(call)
+                else:
+                    msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif kind == "function_call_output":
+                msgs.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": _item_text(item.get("output"), param)})
+            elif kind != "reasoning":
+                raise ApiError(400, f"{param}: input items of type {kind!r} are not supported", code="unsupported_value",
+                               param=param)  # fmt: skip
+        return msgs
+
+    def chat_body(self) -> dict[str, Any]:
+        """The same request as a chat completions body (validated by ChatCompletionRequest)."""
+        body: dict[str, Any] = {"model": self.model, "messages": self.messages()}
+        tools = self._tools()
+        if tools:
+            body["tools"] = tools
+        fields = {
+            "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls,
+            "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "response_format": self._response_format(), "metadata": self.metadata, "user": self.user,
+            "prompt_cache_key": self.prompt_cache_key, "seed": self.seed, "top_k": self.top_k,
+            "cache_salt": self.cache_salt,
+        }  # fmt: skip
+        body.update({k: v for k, v in fields.items() if v is not None})
+        return body
+
+
+def _item_text(content: Any, param: str) -> str | None:
+    """A message's or a tool output's content: a string, or text parts (input_text, output_text, text)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{param}: content parts of type {kind!r} are not supported; only text parts are",
+                               code="unsupported_value", param=param)  # fmt: skip
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError(400, f"{param}: content must be a string or a list of text parts", code="invalid_value",
+                   param=param)

@@ -54,6 +54,8 @@ class ResponseShape:
 
     object_name: str
     chunk_object_name: str
+    # SSE framing: the Responses API names each event (`event:` lines) and sends no `[DONE]`
+    named_events = False
 
     def __init__(self, response_id: str, model: str, created: int) -> None:
         self.id = response_id
@@ -84,6 +86,16 @@ class ResponseShape:
     def full(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage}
+
+    def stream_payloads(self, entries: list[dict[str, Any]], with_usage_key: bool) -> list[dict[str, Any]]:
+        """What the choice entries of start/delta/finish_choice send: one chunk each."""
+        return [self.chunk([e], with_usage_key=with_usage_key) for e in entries]
+
+    def stream_end(self, usage: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+        return [self.chunk([], usage=usage)] if include_usage else []
+
+    def stream_error(self, body: dict[str, Any]) -> dict[str, Any]:
+        return body
 
 
 class ChatShape(ResponseShape):
@@ -174,3 +186,141 @@ class CompletionShape(ResponseShape):
         return {"index": choice.index, "text": echo + "".join(choice.text_parts),
                 "logprobs": _completion_logprobs(choice.logprobs, len(echo)) if logprobs else None,
                 "finish_reason": choice.finish_reason}
+
+
+class ResponsesShape(ResponseShape):
+    """OpenAI's Responses API over one chat choice: output items (a message with output_text, then
+    function_call items) instead of choices, and typed, numbered stream events. The chat shape it wraps
+    decides what is text and what is a call, as for chat completions."""
+
+    named_events = True
+
+    def __init__(self, response_id: str, model: str, created: int, chat: ChatShape, echo: dict[str, Any]) -> None:
+        super().__init__(response_id, model, created)
+        self.chat = chat
+        self.echo = echo  # the request's fields a Response repeats (instructions, tools, tool_choice, ...)
+        self.message_id = "msg_" + response_id.removeprefix("resp_")
+        self._seq = 0
+        self._message_index: int | None = None  # output index of the open message item, while streaming
+        self._text = ""
+        self._output: list[dict[str, Any]] = []
+        self._finish_reason: str | None = None
+
+    def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
+                 finish_reason: str | None = None) -> dict[str, Any]:
+        if status != "in_progress" and finish_reason == "length":
+            status = "incomplete"
+        return {"id": self.id, "object": "response", "created_at": self.created, "model": self.model,
+                "status": status, "output": output, "usage": None if usage is None else self._usage(usage),
+                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                **self.echo}  # fmt: skip
+
+    @staticmethod
+    def _usage(usage: dict[str, Any]) -> dict[str, Any]:
+        details = usage["prompt_tokens_details"]
+        return {"input_tokens": usage["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": details["cached_tokens"], "cache_write_tokens": 0,
+                                         "cached_tokens_by_tier": details["cached_tokens_by_tier"]},
+                "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["total_tokens"]}  # fmt: skip
+
+    def _message(self, text: str, status: str) -> dict[str, Any]:
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {"id": self.message_id, "type": "message", "role": "assistant", "status": status, "content": [part]}
+
+    def _function_call(self, call: dict[str, Any], index: int, status: str, arguments: str) -> dict[str, Any]:
+        fn = call["function"]
+        return {"id": f"fc_{self.message_id[4:]}_{index}", "type": "function_call", "call_id": call["id"],
+                "name": fn["name"], "arguments": arguments, "status": status}  # fmt: skip
+
+    def _output_items(self, text: str | None, calls: list[dict[str, Any]], status: str) -> list[dict[str, Any]]:
+        items = [self._message(text, status)] if text else []
+        return items + [self._function_call(c, i, "completed", c["function"]["arguments"]) for i, c in enumerate(calls)]
+
+    # --- streamed ------------------------------------------------------------------------
+    def start_choice(self, index: int) -> dict[str, Any]:
+        r = self.response("in_progress", [], None)
+        return {"events": [{"type": "response.created", "response": r}, {"type": "response.in_progress", "response": r}]}
+
+    def _text_events(self, delta: str) -> list[dict[str, Any]]:
+        events = []
+        if self._message_index is None:
+            self._message_index = len(self._output)
+            item = {**self._message("", "in_progress"), "content": []}
+            events += [
+                {"type": "response.output_item.added", "output_index": self._message_index, "item": item},
+                {"type": "response.content_part.added", "item_id": self.message_id, "output_index": self._message_index,
+                 "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}},
+            ]  # fmt: skip
+        self._text += delta
+        events.append({"type": "response.output_text.delta", "item_id": self.message_id,
+                       "output_index": self._message_index, "content_index": 0, "delta": delta, "logprobs": []})  # fmt: skip
+        return events
+
+    def delta_choice(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None,
+                     text_offset: int) -> dict[str, Any] | None:
+        entry = self.chat.delta_choice(choice, text, None, text_offset)
+        delta = entry["delta"]["content"] if entry is not None else ""
+        return {"events": self._text_events(delta)} if delta else None
+
+    def finish_choice(self, choice: Choice) -> dict[str, Any]:
+        entry = self.chat.finish_choice(choice)
+        self._finish_reason = reason = entry["finish_reason"]
+        delta = entry["delta"]
+        events = self._text_events(delta["content"]) if delta.get("content") else []
+        status = "incomplete" if reason == "length" else "completed"
+        if self._message_index is not None:
+            i, part = self._message_index, {"type": "output_text", "text": self._text, "annotations": [], "logprobs": []}
+            item = self._message(self._text, status)
+            events += [
+                {"type": "response.output_text.done", "item_id": self.message_id, "output_index": i,
+                 "content_index": 0, "text": self._text, "logprobs": []},
+                {"type": "response.content_part.done", "item_id": self.message_id, "output_index": i,
+                 "content_index": 0, "part": part},
+                {"type": "response.output_item.done", "output_index": i, "item": item},
+            ]  # fmt: skip
+            self._output.append(item)
+        for k, call in enumerate(delta.get("tool_calls", [])):
+            i, args = len(self._output), call["function"]["arguments"]
+            done = self._function_call(call, k, "completed", args)
+            events += [
+                {"type": "response.output_item.added", "output_index": i,
+                 "item": self._function_call(call, k, "in_progress", "")},
+                {"type": "response.function_call_arguments.delta", "item_id": done["id"], "output_index": i,
+                 "delta": args},
+                {"type": "response.function_call_arguments.done", "item_id": done["id"], "output_index": i,
+                 "arguments": args},
+                {"type": "response.output_item.done", "output_index": i, "item": done},
+            ]  # fmt: skip
+            self._output.append(done)
+        return {"events": events}
+
+    def _numbered(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for event in events:
+            event["sequence_number"] = self._seq
+            self._seq += 1
+        return events
+
+    def stream_payloads(self, entries: list[dict[str, Any]], with_usage_key: bool) -> list[dict[str, Any]]:
+        return self._numbered([event for entry in entries for event in entry["events"]])
+
+    def stream_end(self, usage: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+        r = self.response("completed", self._output, usage, self._finish_reason)
+        kind = "response.completed" if r["status"] == "completed" else "response.incomplete"
+        return self._numbered([{"type": kind, "response": r}])
+
+    def stream_error(self, body: dict[str, Any]) -> dict[str, Any]:
+        err = body["error"]
+        return self._numbered([{"type": "error", "code": err.get("code"), "message": err.get("message"),
+                                "param": err.get("param")}])[0]  # fmt: skip
+
+    # --- whole ---------------------------------------------------------------------------
+    def full_choice(self, choice: Choice, logprobs: bool) -> dict[str, Any]:
+        return self.chat.full_choice(choice, False)
+
+    def full(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+        message = choices[0]["message"]
+        reason = choices[0]["finish_reason"]
+        status = "incomplete" if reason == "length" else "completed"
+        output = self._output_items(message.get("content"), message.get("tool_calls") or [], status)
+        return self.response("completed", output, usage, reason)

@@ -1,0 +1,143 @@
+"""OpenAI's Responses API (`POST /v1/responses`) through the official openai client against a real server
+on 127.0.0.1 (the tiny model): the same prompt, cache and tokens as the chat route for the same
+conversation, function calls and their outputs as input items, structured text formats, the typed and
+numbered stream events, and a 400 naming the field for what it cannot do."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+from conftest import SERVED_MODEL, ServerProcess
+from openai.types.responses import Response
+
+GET_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}  # fmt: skip
+CHAT_TOOL = {"type": "function", "function": {k: v for k, v in GET_WEATHER.items() if k != "type"}}
+
+
+def salt() -> dict[str, Any]:
+    return {"cache_salt": uuid.uuid4().hex}
+
+
+def test_a_response_has_the_chat_routes_prompt_tokens_and_answer(client: openai.OpenAI) -> None:
+    s = salt()
+    r = client.responses.create(model=SERVED_MODEL, instructions="You answer briefly.", input="What is a KV cache?",
+                                max_output_tokens=12, temperature=0, extra_body=s)  # fmt: skip
+    Response.model_validate(r.to_dict())
+    chat = client.chat.completions.create(
+        model=SERVED_MODEL, max_tokens=12, temperature=0, extra_body=s,
+        messages=[{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is a KV cache?"}],
+    )  # fmt: skip
+    assert r.usage is not None and chat.usage is not None
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.output_text == chat.choices[0].message.content
+    assert chat.usage.prompt_tokens_details is not None and chat.usage.prompt_tokens_details.cached_tokens > 0
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    if r.status == "incomplete":
+        assert r.usage.output_tokens == 12 and r.incomplete_details is not None
+        assert r.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert r.status == "completed" and chat.choices[0].finish_reason == "stop"
+    assert r.instructions == "You answer briefly." and r.max_output_tokens == 12
+
+
+def test_a_function_call_and_its_output_go_back_as_input_items(client: openai.OpenAI) -> None:
+    s = salt()
+    first = client.responses.create(model=SERVED_MODEL, input="Weather in Oslo?", tools=[GET_WEATHER],  # type: ignore[list-item]
+                                    tool_choice="required", max_output_tokens=80, temperature=1.0, extra_body={**s, "seed": 3})  # fmt: skip
+    Response.model_validate(first.to_dict())
+    assert first.status == "completed"
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].arguments), GET_WEATHER["parameters"])
+    call = calls[0]
+    second = client.responses.create(
+        model=SERVED_MODEL, tools=[GET_WEATHER], max_output_tokens=6, temperature=0, extra_body=s,  # type: ignore[list-item]
+        input=[{"role": "user", "content": "Weather in Oslo?"}, call.model_dump(exclude_none=True),
+               {"type": "function_call_output", "call_id": call.call_id, "output": "4 degrees, rain"}],
+    )  # fmt: skip
+    chat = client.chat.completions.create(
+        model=SERVED_MODEL, tools=[CHAT_TOOL], max_tokens=6, temperature=0, extra_body=s,  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Oslo?"},
+                  {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function",
+                   "function": {"name": call.name, "arguments": call.arguments}}]},
+                  {"role": "tool", "tool_call_id": call.call_id, "content": "4 degrees, rain"}],
+    )  # fmt: skip
+    assert second.usage is not None and chat.usage is not None
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.output_text == (chat.choices[0].message.content or "")
+    assert second.usage.input_tokens_details.cached_tokens > 0  # the first turn's prompt blocks
+
+
+def test_a_json_schema_text_format_shapes_the_output(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}, "rain": {"type": "boolean"}},
+              "required": ["city", "rain"], "additionalProperties": False}  # fmt: skip
+    r = client.responses.create(model=SERVED_MODEL, input="JSON please", max_output_tokens=100, extra_body=salt(),
+                                text={"format": {"type": "json_schema", "name": "w", "schema": schema, "strict": True}})  # fmt: skip
+    assert r.status == "completed"
+    jsonschema.validate(json.loads(r.output_text), schema)
+
+
+def test_a_streamed_response_is_numbered_typed_events_that_add_up_to_the_whole(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    s = salt()
+    kw: dict[str, Any] = dict(model=SERVED_MODEL, input="Tell me about caches.", max_output_tokens=10, temperature=0,
+                              extra_body=s)  # fmt: skip
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(**kw, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    last = events[-1]
+    assert last.type == ("response.completed" if whole.status == "completed" else "response.incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")  # type: ignore[union-attr]
+    assert text == whole.output_text == last.response.output_text  # type: ignore[union-attr]
+    Response.model_validate(last.response.to_dict())  # type: ignore[union-attr]
+    # the wire: an `event:` line names each data line's type, and no [DONE] ends a Responses stream
+    raw = server.request("POST", "/v1/responses", {**kw.pop("extra_body"), **kw, "stream": True}).body.decode()
+    frames = [f for f in raw.split("\n\n") if f.strip()]
+    assert all(f.startswith("event: ") for f in frames) and "[DONE]" not in raw
+    for f in frames:
+        name, data = f.split("\n", 1)
+        assert json.loads(data.removeprefix("data: "))["type"] == name.removeprefix("event: ")
+
+
+def test_a_streamed_function_call_comes_as_its_item_and_argument_events(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(model=SERVED_MODEL, input="Weather?", tools=[GET_WEATHER], stream=True,  # type: ignore[list-item]
+                                          tool_choice={"type": "function", "name": "get_weather"},
+                                          max_output_tokens=80, extra_body=salt()))  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                     "response.output_item.done", "response.completed"]  # fmt: skip
+    done = events[-2].item  # type: ignore[union-attr]
+    assert done.type == "function_call" and done.name == "get_weather"
+    jsonschema.validate(json.loads(done.arguments), GET_WEATHER["parameters"])
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [({"previous_response_id": "resp_123"}, "previous_response_id", "not stored"),
+     ({"tools": [{"type": "web_search"}]}, "tools[0]", "only function tools"),
+     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input[0]",
+      "only text parts"),
+     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]", "not supported"),
+     ({"text": {"format": {"type": "yaml"}}}, "text.format", "text.format.type"),
+     ({"background": True}, "background", "background")],
+)  # fmt: skip
+def test_what_the_responses_route_cannot_do_is_a_400_naming_it(
+    server: ServerProcess, body: dict[str, Any], param: str, needle: str
+) -> None:
+    reply = server.request("POST", "/v1/responses", {"model": SERVED_MODEL, "input": "hi", **body})
+    assert reply.status == 400, reply.body
+    err = reply.json()["error"]
+    assert needle in err["message"] and err["param"] == param
