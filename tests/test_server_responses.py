@@ -132,7 +132,14 @@ def test_a_streamed_function_call_comes_as_its_item_and_argument_events(client: 
       "only text parts"),
      ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]", "not supported"),
      ({"text": {"format": {"type": "yaml"}}}, "text.format", "text.format.type"),
-     ({"background": True}, "background", "background")],
+     ({"background": True}, "background", "background"),
+     ({"input": []}, "input", "non-empty list"),
+     ({"input": [{"role": "wizard", "content": "hi"}]}, "input[0]", "role is"),
+     ({"input": [{"type": "function_call", "name": "f", "arguments": {"a": 1}}]}, "input[0]", "string name, call_id"),
+     ({"tools": [{"type": "function", "name": "f", "parameters": "nope"}]}, "tools[0].parameters", "JSON schema"),
+     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "no-such"}}}}, "text.format",
+      "invalid json_schema"),
+     ({"max_output_tokens": 10**9}, "input", "maximum context length")],
 )  # fmt: skip
 def test_what_the_responses_route_cannot_do_is_a_400_naming_it(
     server: ServerProcess, body: dict[str, Any], param: str, needle: str

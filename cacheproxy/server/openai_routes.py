@@ -416,11 +416,12 @@ def _logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab: int) -> d
     return bias
 
 
-async def _structured(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> StructuredOutput | None:
+async def _structured(state: ServerState, req: ChatCompletionRequest | CompletionRequest,
+                      format_param: str = "response_format") -> StructuredOutput | None:
     """The request's constraint on its text, compiled once here so that a bad one is a 400 naming it.
     A forced tool call is constrained to the function's parameters; a JSON response format next to
     tools the model may call lets it answer either way."""
-    structured, param = req.structured_output(), "response_format"
+    structured, param = req.structured_output(), format_param
     if isinstance(req, ChatCompletionRequest) and req.tools and req.tool_choice != "none":
         tok = state.engine.tokenizer
         fmt = tool_call_format(tok.chat_template)
@@ -504,7 +505,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         if isinstance(req, ChatCompletionRequest):
             prompts = [await state.run_blocking(_chat_prompt, state, req)]
             logprobs_k = req.logprobs_k()
-            param = "messages"
+            param = "messages" if responses is None else "input"
             tool_format = None
             if req.tools and req.tool_choice != "none":  # forced calls too: the prefix is their text's start
                 tool_format = tool_call_format(state.engine.tokenizer.chat_template)
@@ -527,7 +528,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         jobs: list[Job] = []
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
-        structured = await _structured(state, req)
+        structured = await _structured(state, req, "response_format" if responses is None else "text.format")
         for p_idx, prompt in enumerate(prompts):
             max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt.token_ids), state, param)
             for k in range(req.n):

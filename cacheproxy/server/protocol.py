@@ -320,7 +320,7 @@ class ResponsesRequest(_Lenient):
     Nothing is stored: a conversation is sent whole each turn (its prefix is cached)."""
 
     model: str
-    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    input: str | list[dict[str, Any]]
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -346,6 +346,9 @@ class ResponsesRequest(_Lenient):
     cache_salt: str | None = None
 
     def check(self) -> None:
+        if isinstance(self.input, list) and not self.input:
+            raise ApiError(400, "input must be a string or a non-empty list of items", code="invalid_value",
+                           param="input")
         for name, value in (("previous_response_id", self.previous_response_id), ("conversation", self.conversation)):
             if value is not None:
                 raise ApiError(400, f"{name} is not supported: responses are not stored, so send the whole "
@@ -363,6 +366,9 @@ class ResponsesRequest(_Lenient):
             if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
                 raise ApiError(400, f"tools[{i}]: only function tools ({{\"type\": \"function\", \"name\": ...}}) "
                                     "are supported", code="unsupported_value", param=f"tools[{i}]")  # fmt: skip
+            if not isinstance(tool.get("parameters", {}), dict | None):
+                raise ApiError(400, f"tools[{i}].parameters must be a JSON schema object", code="invalid_value",
+                               param=f"tools[{i}].parameters")
             fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
             out.append({"type": "function", "function": fn})
         return out
@@ -376,6 +382,9 @@ class ResponsesRequest(_Lenient):
                            code="invalid_value", param="text.format")
         if fmt["type"] != "json_schema":
             return {"type": fmt["type"]}
+        if not isinstance(fmt.get("schema", {}), dict):
+            raise ApiError(400, "text.format.schema must be a JSON schema object", code="invalid_value",
+                           param="text.format.schema")
         spec = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
         return {"type": "json_schema", "json_schema": spec}
 
@@ -391,8 +400,14 @@ class ResponsesRequest(_Lenient):
             kind = item.get("type", "message")
             param = f"input[{i}]"
             if kind == "message":
-                msgs.append({"role": item.get("role"), "content": _item_text(item.get("content"), param)})
+                if item.get("role") not in ("user", "system", "developer", "assistant"):
+                    raise ApiError(400, f"{param}: a message's role is user, system, developer or assistant",
+                                   code="invalid_value", param=param)  # fmt: skip
+                msgs.append({"role": item["role"], "content": _item_text(item.get("content"), param)})
             elif kind == "function_call":
+                if not all(isinstance(item.get(k), str) for k in ("name", "call_id", "arguments")):
+                    raise ApiError(400, f"{param}: a function_call item has string name, call_id and arguments",
+                                   code="invalid_value", param=param)  # fmt: skip
                 call = {"id": item.get("call_id"), "type": "function",
                         "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
                 last = msgs[-1] if msgs else None
@@ -401,6 +416,9 @@ class ResponsesRequest(_Lenient):
                 else:
                     msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
             elif kind == "function_call_output":
+                if not isinstance(item.get("call_id"), str):
+                    raise ApiError(400, f"{param}: a function_call_output item has a string call_id",
+                                   code="invalid_value", param=param)  # fmt: skip
                 msgs.append({"role": "tool", "tool_call_id": item.get("call_id"),
                              "content": _item_text(item.get("output"), param)})
             elif kind != "reasoning":
