@@ -96,6 +96,21 @@ def test_every_turn_of_a_conversation_has_the_key_of_its_first_turn() -> None:
     assert affinity_key(first | {"cache_salt": "s"}, 4096) != k
 
 
+def test_every_turn_of_a_responses_conversation_has_the_key_of_its_first_turn() -> None:
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    first = {"instructions": "Be brief.", "tools": tools, "input": [{"role": "user", "content": "plan Lyon"}]}
+    later = first | {"input": [{"role": "user", "content": "plan Lyon"},
+                               {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                               {"type": "function_call_output", "call_id": "c", "output": "ok"},
+                               {"role": "user", "content": "and day 2?"}]}  # fmt: skip
+    k = affinity_key(first, 4096, responses=True)
+    assert k is not None and affinity_key(later, 4096, responses=True) == k
+    assert affinity_key(first | {"instructions": "Be verbose."}, 4096, responses=True) != k
+    assert affinity_key({"input": "plan Lyon"}, 4096, responses=True) != affinity_key({"input": "plan Oslo"}, 4096,
+                                                                                     responses=True)  # fmt: skip
+    assert affinity_key(first, 4096) is None  # an `input` elsewhere (embeddings) is no conversation
+
+
 def test_prompt_cache_key_wins_and_only_the_leading_bytes_count() -> None:
     a = _chat(("user", "x"), prompt_cache_key="agent-42")
     b = _chat(("user", "something else entirely"), prompt_cache_key="agent-42")
@@ -283,6 +298,27 @@ async def test_router_streams_sse_and_lists_models(replicas: list[ServerProcess]
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same replica, so a hit
         models = await client.models.list()
         assert [m.id for m in models.data] == [MODEL]
+
+
+async def test_router_keeps_each_responses_conversation_on_one_replica(replicas: list[ServerProcess]) -> None:
+    """12 conversations (all on one of two replicas about once in 2048 runs, as in the chat test)."""
+    urls = [r.base_url for r in replicas]
+    met: dict[int, set[str]] = {}
+    async with _router(urls) as router, _client(router.url) as client:
+        for c in range(12):
+            history: list[Any] = [{"role": "user", "content": f"conversation {c}: " + "tell me more " * 30}]
+            met[c] = set()
+            for turn in range(2):
+                raw = await client.responses.with_raw_response.create(model=MODEL, instructions="Be brief.",
+                                                                      input=history, max_output_tokens=4,
+                                                                      temperature=0.0)  # fmt: skip
+                reply = raw.parse()
+                met[c].add(raw.headers.get(BACKEND_HEADER, ""))
+                assert reply.usage is not None
+                assert turn == 0 or reply.usage.input_tokens_details.cached_tokens > 0
+                history += [{"role": "assistant", "content": reply.output_text}, {"role": "user", "content": "go on"}]
+    assert all(len(b) == 1 for b in met.values()), met  # every turn on one replica
+    assert set().union(*met.values()) == set(urls)  # placed by prefix: both replicas got conversations
 
 
 async def test_a_busy_replica_spills_over_to_the_next_on_the_ring(replicas: list[ServerProcess]) -> None:

@@ -5,7 +5,8 @@ Affinity key, per request (hashed with xxh3_128, never Python's `hash()`):
 - `prompt_cache_key` when the client sends one (OpenAI's field for "these requests share a prefix");
 - else the head of the prompt. The router has no tokenizer, so it hashes text: for chat, the JSON
   of `tools` and the messages up to and including the first user message, cut to
-  `router_prefix_bytes`; for completions, the first `router_prefix_bytes` of the prompt. Why the
+  `router_prefix_bytes`; for the Responses API, the same of `instructions`, `tools` and the input
+  items up to the first user message; for completions, the first `router_prefix_bytes` of the prompt. Why the
   head and not "the first N KB of everything": a conversation grows at its end, so while it is
   shorter than N KB every turn would hash differently and land elsewhere; the system prompt, the
   tools and the first user message are what every turn of one conversation starts with.
@@ -115,9 +116,15 @@ class HashRing:
         return nodes[0] if nodes else None
 
 
-def affinity_key(body: Any, prefix_bytes: int, authorization: str = "") -> bytes | None:
+def _head_to_first_user(items: list[Any]) -> list[Any]:
+    end = next((i + 1 for i, m in enumerate(items) if isinstance(m, dict) and m.get("role") == "user"), len(items))
+    return items[:end]
+
+
+def affinity_key(body: Any, prefix_bytes: int, authorization: str = "", responses: bool = False) -> bytes | None:
     """The bytes that name a request's prefix (see the module docstring); None when the body has
-    no prompt the router understands (the request then goes to the least loaded replica)."""
+    no prompt the router understands (the request then goes to the least loaded replica).
+    responses: the body is a Responses API one (its `input` is the conversation)."""
     if not isinstance(body, dict):
         return None
     scope = json.dumps([authorization, body.get("cache_salt")]).encode()
@@ -125,16 +132,19 @@ def affinity_key(body: Any, prefix_bytes: int, authorization: str = "") -> bytes
     if isinstance(cache_key, str) and cache_key:
         head = b"key:" + cache_key.encode()
     elif isinstance(body.get("messages"), list):
-        messages = body["messages"]
-        end = next(
-            (i + 1 for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"),
-            len(messages),
-        )
         rendered = json.dumps(
-            {"tools": body.get("tools"), "messages": messages[:end]},
+            {"tools": body.get("tools"), "messages": _head_to_first_user(body["messages"])},
             sort_keys=True, separators=(",", ":"), ensure_ascii=False,
         )  # fmt: skip
         head = b"chat:" + rendered.encode()[:prefix_bytes]
+    elif responses and isinstance(body.get("input"), str | list):
+        items = body["input"]
+        rendered = json.dumps(
+            {"instructions": body.get("instructions"), "tools": body.get("tools"),
+             "input": _head_to_first_user(items) if isinstance(items, list) else items},
+            sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+        )  # fmt: skip
+        head = b"responses:" + rendered.encode()[:prefix_bytes]
     elif "prompt" in body:
         prompt = body["prompt"]
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -373,14 +383,15 @@ async def _proxy(request: web.Request, body: bytes, key: bytes | None) -> web.St
 
 
 async def _routed(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions and /v1/completions: placed by their prefix."""
+    """POST /v1/chat/completions, /v1/completions and /v1/responses: placed by their prefix."""
     body = await request.read()
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):
         parsed = None  # the replica answers the 400
     settings = request.app[ROUTER].settings
-    key = affinity_key(parsed, settings.router_prefix_bytes, request.headers.get("Authorization", ""))
+    key = affinity_key(parsed, settings.router_prefix_bytes, request.headers.get("Authorization", ""),
+                       responses=request.path == "/v1/responses")  # fmt: skip
     return await _proxy(request, body, key)
 
 
@@ -411,6 +422,7 @@ def create_router_app(settings: Settings, backends: Sequence[str] | None = None)
     app[ROUTER] = router
     app.router.add_post("/v1/chat/completions", _routed)
     app.router.add_post("/v1/completions", _routed)
+    app.router.add_post("/v1/responses", _routed)
     app.router.add_route("*", "/v1/{tail:.*}", _unplaced)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
