@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     default_max_tokens: int = Field(default=256, ge=1)
     records_file: str = "records.jsonl"
+    responses_store_bytes: int = Field(
+        default=64 << 20, ge=0,
+        description="Memory for Responses API responses kept for previous_response_id (oldest dropped first); "
+        "0: none kept.",
+    )  # fmt: skip
 
     # --- router (`cacheproxy route`) ------------------------------------------------------------
     router_backends: list[str] = Field(default_factory=list, description="Replica base URLs.")

@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from conftest import SERVED_MODEL, ServerProcess
+from conftest import BOB_KEY, SERVED_MODEL, ServerProcess
 from openai.types.responses import Response
 
 GET_WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city.", "parameters": {
@@ -126,7 +126,7 @@ def test_a_streamed_function_call_comes_as_its_item_and_argument_events(client: 
 
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
-    [({"previous_response_id": "resp_123"}, "previous_response_id", "not stored"),
+    [({"conversation": "conv_1"}, "conversation", "not supported"),
      ({"tools": [{"type": "web_search"}]}, "tools[0]", "only function tools"),
      ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input[0]",
       "only text parts"),
@@ -148,3 +148,73 @@ def test_what_the_responses_route_cannot_do_is_a_400_naming_it(
     assert reply.status == 400, reply.body
     err = reply.json()["error"]
     assert needle in err["message"] and err["param"] == param
+
+
+def _chat_tokens(client: openai.OpenAI, messages: list[dict[str, Any]], s: dict[str, Any], **kw: Any) -> int:
+    chat = client.chat.completions.create(model=SERVED_MODEL, messages=messages, max_tokens=1, extra_body=s, **kw)  # type: ignore[arg-type]
+    assert chat.usage is not None
+    return chat.usage.prompt_tokens
+
+
+def test_previous_response_id_continues_the_kept_conversation(client: openai.OpenAI, server: ServerProcess) -> None:
+    s = salt()
+    first = client.responses.create(model=SERVED_MODEL, instructions="Be brief.", input="Name a cache policy.",
+                                    max_output_tokens=8, temperature=0, extra_body=s)  # fmt: skip
+    assert first.store is True
+    second = client.responses.create(model=SERVED_MODEL, previous_response_id=first.id, instructions="Be brief.",
+                                     input="Another one?", max_output_tokens=8, temperature=0, extra_body=s)  # fmt: skip
+    Response.model_validate(second.to_dict())
+    assert second.previous_response_id == first.id and second.usage is not None
+    # the kept turn, then the new input, under this request's instructions
+    history = [{"role": "user", "content": "Name a cache policy."},
+               {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "Another one?"}]  # fmt: skip
+    system = [{"role": "system", "content": "Be brief."}]
+    assert second.usage.input_tokens == _chat_tokens(client, system + history, s)
+    assert second.usage.input_tokens_details.cached_tokens > 0  # the first turn's blocks
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    # a third turn chains on the second; instructions do not carry over from earlier turns (as with OpenAI)
+    third = client.responses.create(model=SERVED_MODEL, previous_response_id=second.id, input="Thanks.",
+                                    max_output_tokens=4, extra_body=s)  # fmt: skip
+    assert third.usage is not None
+    assert third.usage.input_tokens == _chat_tokens(client, [*history, {"role": "assistant", "content": second.output_text},
+                                                             {"role": "user", "content": "Thanks."}], s)  # fmt: skip
+    # another tenant neither reads nor continues it
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=BOB_KEY, max_retries=0) as bob:
+        with pytest.raises(openai.NotFoundError):
+            bob.responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError) as err:
+            bob.responses.create(model=SERVED_MODEL, previous_response_id=first.id, input="x", max_output_tokens=2)
+        assert err.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert server.request("DELETE", f"/v1/responses/{first.id}", key=BOB_KEY).status == 404
+    deleted = server.request("DELETE", f"/v1/responses/{first.id}")
+    assert deleted.status == 200 and deleted.json() == {"id": first.id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    client.responses.delete(second.id)  # the SDK's own call
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+
+
+def test_a_call_and_its_output_continue_by_previous_response_id(client: openai.OpenAI) -> None:
+    s = salt()
+    first = client.responses.create(model=SERVED_MODEL, input="Weather in Oslo?", tools=[GET_WEATHER],  # type: ignore[list-item]
+                                    tool_choice="required", max_output_tokens=80, extra_body={**s, "seed": 1})  # fmt: skip
+    call = next(item for item in first.output if item.type == "function_call")
+    second = client.responses.create(model=SERVED_MODEL, previous_response_id=first.id, tools=[GET_WEATHER],  # type: ignore[list-item]
+                                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": "rain"}],
+                                     max_output_tokens=4, extra_body=s)  # fmt: skip
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments}}]},
+                {"role": "tool", "tool_call_id": call.call_id, "content": "rain"}]  # fmt: skip
+    assert second.usage is not None
+    assert second.usage.input_tokens == _chat_tokens(client, messages, s, tools=[CHAT_TOOL])
+
+
+def test_store_false_keeps_nothing(client: openai.OpenAI) -> None:
+    r = client.responses.create(model=SERVED_MODEL, input="hi", store=False, max_output_tokens=2, extra_body=salt())
+    assert r.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=SERVED_MODEL, previous_response_id=r.id, input="x", max_output_tokens=2)

@@ -32,6 +32,7 @@ from cacheproxy.log import get_logger
 from cacheproxy.server.auth import cache_salt, tenant_of
 from cacheproxy.server.errors import ApiError
 from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest, parse_body
+from cacheproxy.server.response_store import output_as_message
 from cacheproxy.server.shapes import ChatShape, Choice, CompletionShape, ResponseShape, ResponsesShape
 from cacheproxy.server.sse import SSEStream
 from cacheproxy.server.state import REQUEST_ID, STATE, ServerState
@@ -487,12 +488,20 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         structlog.contextvars.bind_contextvars(tenant=record.tenant)
         body = await read_json(request, state.settings.max_body_bytes)
         req: ChatCompletionRequest | CompletionRequest
-        responses: ResponsesRequest | None = None
+        resp_req: ResponsesRequest | None = None
+        history: list[dict[str, Any]] = []
         if endpoint == "responses":
-            responses = parse_body(ResponsesRequest, body)
-            responses.check()
-            req = parse_body(ChatCompletionRequest, responses.chat_body())
-            req.stream = responses.stream
+            resp_req = parse_body(ResponsesRequest, body)
+            resp_req.check()
+            if resp_req.previous_response_id is not None:
+                previous = state.responses.get(resp_req.previous_response_id, record.tenant)
+                if previous is None:
+                    raise ApiError(404, f"previous response {resp_req.previous_response_id!r} not found (responses "
+                                        "are kept in memory, within responses_store_bytes, until a restart)",
+                                   code="previous_response_not_found", param="previous_response_id")  # fmt: skip
+                history = previous.messages
+            req = parse_body(ChatCompletionRequest, resp_req.chat_body(history))
+            req.stream = resp_req.stream
         elif endpoint == "chat":
             req = parse_body(ChatCompletionRequest, body)
         else:
@@ -505,15 +514,15 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         if isinstance(req, ChatCompletionRequest):
             prompts = [await state.run_blocking(_chat_prompt, state, req)]
             logprobs_k = req.logprobs_k()
-            param = "messages" if responses is None else "input"
+            param = "messages" if resp_req is None else "input"
             tool_format = None
             if req.tools and req.tool_choice != "none":  # forced calls too: the prefix is their text's start
                 tool_format = tool_call_format(state.engine.tokenizer.chat_template)
             shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time), tool_format,
                                              req.parallel_tool_calls is not False)
-            if responses is not None:
+            if resp_req is not None:
                 shape = ResponsesShape(record.id, state.engine.model_name, int(record.time), shape,
-                                       _responses_echo(responses))
+                                       _responses_echo(resp_req, _stores(state, resp_req)))
         else:
             if req.echo and req.logprobs is not None:
                 raise ApiError(400, "echo with logprobs is not supported", code="invalid_value", param="echo")
@@ -528,7 +537,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         jobs: list[Job] = []
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
-        structured = await _structured(state, req, "response_format" if responses is None else "text.format")
+        structured = await _structured(state, req, "response_format" if resp_req is None else "text.format")
         for p_idx, prompt in enumerate(prompts):
             max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt.token_ids), state, param)
             for k in range(req.n):
@@ -540,6 +549,10 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         response = await run.respond()
         if record.status == 0:
             record.status = 200
+        completed = shape.completed if isinstance(shape, ResponsesShape) else None
+        if resp_req is not None and completed is not None and _stores(state, resp_req):
+            turn = history + resp_req.input_messages() + [output_as_message(completed)]
+            state.responses.put(record.id, record.tenant, turn, completed)
         return response
     except ApiError as exc:
         record.status, record.error = exc.status, exc.code
@@ -562,21 +575,42 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
                  e2e_ms=round(record.e2e_s * 1000, 2))
 
 
-def _responses_echo(req: ResponsesRequest) -> dict[str, Any]:
+def _stores(state: ServerState, req: ResponsesRequest) -> bool:
+    return req.store is not False and state.settings.responses_store_bytes > 0
+
+
+def _responses_echo(req: ResponsesRequest, stored: bool) -> dict[str, Any]:
     """The request fields a Response object repeats."""
     fmt = (req.text or {}).get("format") or {"type": "text"}
     return {
         "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {},
         "parallel_tool_calls": req.parallel_tool_calls is not False, "temperature": req.temperature,
         "top_p": req.top_p, "tool_choice": req.tool_choice or "auto", "tools": req.tools or [],
-        "text": {"format": fmt}, "store": False, "truncation": "disabled", "user": req.user,
-        "previous_response_id": None, "reasoning": None,
+        "text": {"format": fmt}, "store": stored, "truncation": "disabled", "user": req.user,
+        "previous_response_id": req.previous_response_id, "reasoning": None,
     }  # fmt: skip
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     """OpenAI's Responses API, through the chat path (protocol.ResponsesRequest, shapes.ResponsesShape)."""
     return await _handle(request, "responses")
+
+
+async def retrieve_response(request: web.Request) -> web.Response:
+    """GET /v1/responses/{id}: a response this server keeps, for the tenant that made it."""
+    state = request.app[STATE]
+    entry = state.responses.get(request.match_info["response_id"], tenant_of(request, state.settings))
+    if entry is None:
+        raise ApiError(404, f"response {request.match_info['response_id']!r} not found", code="not_found")
+    return web.json_response(entry.body)
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    response_id = request.match_info["response_id"]
+    if not state.responses.delete(response_id, tenant_of(request, state.settings)):
+        raise ApiError(404, f"response {response_id!r} not found", code="not_found")
+    return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -612,6 +646,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/responses", responses)
+    app.router.add_get("/v1/responses/{response_id}", retrieve_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
     app.router.add_get("/v1/models", list_models)
     # ids may hold a slash (org/name), so the tail of the path is the id
     app.router.add_get("/v1/models/{model:.+}", retrieve_model)

@@ -317,7 +317,7 @@ def parse_body(model: type[BaseModel], data: object) -> Any:
 class ResponsesRequest(_Lenient):
     """OpenAI's Responses API body (`POST /v1/responses`), served through the chat path: the input
     items become chat messages for the model's template, so the cached prefix is the same either way.
-    Nothing is stored: a conversation is sent whole each turn (its prefix is cached)."""
+    `previous_response_id` continues a response the server still keeps (server/response_store.py)."""
 
     model: str
     input: str | list[dict[str, Any]]
@@ -349,11 +349,10 @@ class ResponsesRequest(_Lenient):
         if isinstance(self.input, list) and not self.input:
             raise ApiError(400, "input must be a string or a non-empty list of items", code="invalid_value",
                            param="input")
-        for name, value in (("previous_response_id", self.previous_response_id), ("conversation", self.conversation)):
-            if value is not None:
-                raise ApiError(400, f"{name} is not supported: responses are not stored, so send the whole "
-                                    "conversation as input (its prefix is cached)", code="unsupported_value",
-                               param=name)  # fmt: skip
+        if self.conversation is not None:
+            raise ApiError(400, "conversation objects are not supported: continue with previous_response_id, or "
+                                "send the whole conversation as input (its prefix is cached)",
+                           code="unsupported_value", param="conversation")  # fmt: skip
         if self.background:
             raise ApiError(400, "background responses are not supported", code="unsupported_value",
                            param="background")
@@ -388,13 +387,11 @@ class ResponsesRequest(_Lenient):
         spec = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
         return {"type": "json_schema", "json_schema": spec}
 
-    def messages(self) -> list[dict[str, Any]]:
+    def input_messages(self) -> list[dict[str, Any]]:
         """The input items as chat messages: messages stay messages (input_text/output_text parts as
         text), a run of function_call items is one assistant message with tool_calls, and each
         function_call_output a tool message. Reasoning items are dropped (the model reasons in its text)."""
         msgs: list[dict[str, Any]] = []
-        if self.instructions:
-            msgs.append({"role": "system", "content": self.instructions})
         items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         for i, item in enumerate(items):
             kind = item.get("type", "message")
@@ -426,9 +423,12 @@ class ResponsesRequest(_Lenient):
                                param=param)  # fmt: skip
         return msgs
 
-    def chat_body(self) -> dict[str, Any]:
-        """The same request as a chat completions body (validated by ChatCompletionRequest)."""
-        body: dict[str, Any] = {"model": self.model, "messages": self.messages()}
+    def chat_body(self, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The same request as a chat completions body (validated by ChatCompletionRequest): the
+        instructions as the system message, then `history` (the conversation of previous_response_id,
+        whose instructions do not carry over, as with OpenAI), then the input."""
+        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        body: dict[str, Any] = {"model": self.model, "messages": system + (history or []) + self.input_messages()}
         tools = self._tools()
         if tools:
             body["tools"] = tools

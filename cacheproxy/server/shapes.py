@@ -205,6 +205,7 @@ class ResponsesShape(ResponseShape):
         self._text = ""
         self._output: list[dict[str, Any]] = []
         self._finish_reason: str | None = None
+        self.completed: dict[str, Any] | None = None  # the final Response object, once it is sent
 
     def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
                  finish_reason: str | None = None) -> dict[str, Any]:
@@ -307,6 +308,7 @@ class ResponsesShape(ResponseShape):
     def stream_end(self, usage: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
         r = self.response("completed", self._output, usage, self._finish_reason)
         kind = "response.completed" if r["status"] == "completed" else "response.incomplete"
+        self.completed = r
         return self._numbered([{"type": kind, "response": r}])
 
     def stream_error(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -323,4 +325,5 @@ class ResponsesShape(ResponseShape):
         reason = choices[0]["finish_reason"]
         status = "incomplete" if reason == "length" else "completed"
         output = self._output_items(message.get("content"), message.get("tool_calls") or [], status)
-        return self.response("completed", output, usage, reason)
+        self.completed = self.response("completed", output, usage, reason)
+        return self.completed

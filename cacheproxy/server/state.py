@@ -15,6 +15,7 @@ from aiohttp import web
 from cacheproxy.cache.records import RecordsLog, RequestRecord
 from cacheproxy.config import Settings
 from cacheproxy.server.metrics import ServerMetrics
+from cacheproxy.server.response_store import ResponseStore
 
 if TYPE_CHECKING:
     from cacheproxy.engine.async_engine import AsyncEngine
@@ -38,6 +39,7 @@ class ServerState:
         self.engine_start_task: asyncio.Task[None] | None = None
         self.engine_start_error: BaseException | None = None
         self.started_at = time.time()
+        self.responses = ResponseStore(settings.responses_store_bytes)
 
     def engine_stats(self) -> dict[str, Any] | None:
         return self.engine.stats() if self.engine.ready else None
