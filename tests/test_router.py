@@ -321,6 +321,24 @@ async def test_router_keeps_each_responses_conversation_on_one_replica(replicas:
     assert set().union(*met.values()) == set(urls)  # placed by prefix: both replicas got conversations
 
 
+async def test_previous_response_id_and_response_ids_go_to_the_replica_that_keeps_them(
+    replicas: list[ServerProcess],
+) -> None:
+    async with _router([r.base_url for r in replicas]) as router, _client(router.url) as client:
+        for c in range(8):  # conversations whose later turns, by their own input, would land anywhere
+            raw = await client.responses.with_raw_response.create(
+                model=MODEL, input=f"conversation {c}: " + "tell me more " * 20, max_output_tokens=3)  # fmt: skip
+            first, owner = raw.parse(), raw.headers.get(BACKEND_HEADER)
+            for turn in range(3):
+                raw = await client.responses.with_raw_response.create(
+                    model=MODEL, previous_response_id=first.id, input=f"turn {turn} of {c}", max_output_tokens=3)  # fmt: skip
+                assert raw.headers.get(BACKEND_HEADER) == owner
+                assert raw.parse().usage.input_tokens_details.cached_tokens > 0  # type: ignore[union-attr]
+            fetched = await client.responses.with_raw_response.retrieve(first.id)
+            assert fetched.headers.get(BACKEND_HEADER) == owner and fetched.parse().id == first.id
+            await client.responses.delete(first.id)
+
+
 async def test_a_busy_replica_spills_over_to_the_next_on_the_ring(replicas: list[ServerProcess]) -> None:
     conv = _traffic(6, conversations=1, turns=1)[0][0]
     async with (

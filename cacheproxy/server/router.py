@@ -25,6 +25,8 @@ Health: GET /health on every replica each `router_health_interval_s`, and a repl
 connection or answers non-200 is marked down at once (the next check brings it back); one that lets
 two checks in a row time out is marked down too, one slow answer alone is not. The router's own /health is 200
 while any replica is healthy; /v1/models comes from a healthy replica; /metrics is the router's.
+A Responses API request that continues a response (`previous_response_id`), and GET/DELETE of one by
+id, go to the replica that made it: each keeps its responses in its own memory.
 `router_policy = round_robin` turns affinity off (for comparisons).
 """
 
@@ -36,6 +38,7 @@ import contextlib
 import itertools
 import json
 import signal
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +63,8 @@ _HOP_HEADERS = frozenset(
 _REFUSALS = frozenset({429, 503})
 BACKEND_HEADER = "X-Cacheproxy-Backend"
 SLOW_CHECKS_TO_MARK_DOWN = 2
+# Responses API ids whose replica the router remembers (the newest; ~100 bytes each).
+RESPONSE_OWNERS = 100_000
 
 
 class HashRing:
@@ -207,6 +212,9 @@ class Router:
         self.ring = HashRing(urls, settings.router_virtual_nodes)
         self.metrics = _RouterMetrics()
         self._round_robin = itertools.count()
+        # Responses API ids -> the replica that keeps them (previous_response_id, GET/DELETE by id): a
+        # replica keeps its responses in its own memory.
+        self.response_owners: OrderedDict[str, str] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()
@@ -275,9 +283,13 @@ class Router:
         self.metrics.up.labels(backend.url).set(1 if healthy else 0)
 
     # --- placement -----------------------------------------------------------------------
-    def plan(self, key: bytes | None) -> list[Backend]:
-        """The replicas to try, in order: the key's ring order (or round robin, or least loaded
-        without a key), healthy and not busy first, then healthy by load, then the rest."""
+    def plan(self, key: bytes | None, owner: str | None = None) -> list[Backend]:
+        """The replicas to try, in order: `owner` first when it is up (it keeps the state the request
+        names), then the key's ring order (or round robin, or least loaded without a key), healthy and
+        not busy first, then healthy by load, then the rest."""
+        first = self.backends.get(owner) if owner is not None else None
+        if first is not None and first.healthy:
+            return [first, *(b for b in self.plan(key) if b is not first)]
         if self.settings.router_policy == "round_robin":
             urls = list(self.backends)
             k = next(self._round_robin) % len(urls)
@@ -293,12 +305,19 @@ class Router:
         return free + busy + down
 
     # --- forwarding ----------------------------------------------------------------------
-    async def forward(self, request: web.Request, body: bytes, key: bytes | None) -> web.StreamResponse:
+    def note_response(self, request_id: str, backend: Backend) -> None:
+        # A replica names a response "resp_" + the request id it sent back (openai_routes).
+        self.response_owners["resp_" + request_id] = backend.url
+        while len(self.response_owners) > RESPONSE_OWNERS:
+            self.response_owners.popitem(last=False)
+
+    async def forward(self, request: web.Request, body: bytes, key: bytes | None,
+                      owner: str | None = None) -> web.StreamResponse:
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS)
         peer = request.remote or ""
         prior = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        plan = self.plan(key)
+        plan = self.plan(key, owner)
         for attempt, backend in enumerate(plan):
             last = attempt == len(plan) - 1
             backend.in_flight += 1
@@ -330,6 +349,9 @@ class Router:
                         self.metrics.retries.labels(str(upstream.status)).inc()
                         await upstream.read()
                         continue
+                    request_id = upstream.headers.get("X-Request-Id")
+                    if request.method == "POST" and request.path == "/v1/responses" and request_id:
+                        self.note_response(request_id, backend)
                     return await self._relay(request, upstream, backend)
                 finally:
                     upstream.release()
@@ -373,9 +395,9 @@ def _error(status: int, message: str, code: str) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
-async def _proxy(request: web.Request, body: bytes, key: bytes | None) -> web.StreamResponse:
+async def _proxy(request: web.Request, body: bytes, key: bytes | None, owner: str | None = None) -> web.StreamResponse:
     try:
-        return await request.app[ROUTER].forward(request, body, key)
+        return await request.app[ROUTER].forward(request, body, key, owner)
     except NoBackend:
         return _error(503, "no replica is available; retry later", "no_backend")
     except TimeoutError:
@@ -390,9 +412,18 @@ async def _routed(request: web.Request) -> web.StreamResponse:
     except (ValueError, RecursionError):
         parsed = None  # the replica answers the 400
     settings = request.app[ROUTER].settings
+    responses = request.path == "/v1/responses"
     key = affinity_key(parsed, settings.router_prefix_bytes, request.headers.get("Authorization", ""),
-                       responses=request.path == "/v1/responses")  # fmt: skip
-    return await _proxy(request, body, key)
+                       responses=responses)  # fmt: skip
+    previous = parsed.get("previous_response_id") if responses and isinstance(parsed, dict) else None
+    owner = request.app[ROUTER].response_owners.get(previous) if isinstance(previous, str) else None
+    return await _proxy(request, body, key, owner)
+
+
+async def _response_by_id(request: web.Request) -> web.StreamResponse:
+    """GET/DELETE /v1/responses/{id}: the replica that keeps it."""
+    owner = request.app[ROUTER].response_owners.get(request.match_info["response_id"])
+    return await _proxy(request, await request.read(), None, owner)
 
 
 async def _unplaced(request: web.Request) -> web.StreamResponse:
@@ -423,6 +454,7 @@ def create_router_app(settings: Settings, backends: Sequence[str] | None = None)
     app.router.add_post("/v1/chat/completions", _routed)
     app.router.add_post("/v1/completions", _routed)
     app.router.add_post("/v1/responses", _routed)
+    app.router.add_route("*", "/v1/responses/{response_id}", _response_by_id)
     app.router.add_route("*", "/v1/{tail:.*}", _unplaced)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
