@@ -218,3 +218,20 @@ def test_store_false_keeps_nothing(client: openai.OpenAI) -> None:
         client.responses.retrieve(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=SERVED_MODEL, previous_response_id=r.id, input="x", max_output_tokens=2)
+
+
+def test_an_answer_sent_back_as_items_renders_as_the_kept_one(client: openai.OpenAI) -> None:
+    """A turn's text and calls, sent back as a message item then function_call items, are one assistant
+    message, as previous_response_id renders the kept turn: the same prompt either way."""
+    s = salt()
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    items = [{"role": "user", "content": "Weather?"},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+             call, {"type": "function_call_output", "call_id": "call_1", "output": "rain"}]  # fmt: skip
+    r = client.responses.create(model=SERVED_MODEL, input=items, tools=[GET_WEATHER], max_output_tokens=1,  # type: ignore[arg-type,list-item]
+                                extra_body=s)  # fmt: skip
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "rain"}]  # fmt: skip
+    assert r.usage is not None and r.usage.input_tokens == _chat_tokens(client, messages, s, tools=[CHAT_TOOL])

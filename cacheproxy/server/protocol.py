@@ -389,8 +389,9 @@ class ResponsesRequest(_Lenient):
 
     def input_messages(self) -> list[dict[str, Any]]:
         """The input items as chat messages: messages stay messages (input_text/output_text parts as
-        text), a run of function_call items is one assistant message with tool_calls, and each
-        function_call_output a tool message. Reasoning items are dropped (the model reasons in its text)."""
+        text), function_call items join the assistant message before them (or start one) as tool_calls,
+        as a model's own output comes back (response_store.output_as_message), and each
+        function_call_output is a tool message. Reasoning items are dropped (the model reasons in its text)."""
         msgs: list[dict[str, Any]] = []
         items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         for i, item in enumerate(items):
@@ -408,7 +409,7 @@ class ResponsesRequest(_Lenient):
                 call = {"id": item.get("call_id"), "type": "function",
                         "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
                 last = msgs[-1] if msgs else None
-                if last is not None and last["role"] == "assistant" and (last.get("tool_calls") or not last["content"]):
+                if last is not None and last["role"] == "assistant":  # one turn: its text, then its calls
                     last.setdefault("tool_calls", []).append(call)
                 else:
                     msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
