@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     default_max_tokens: int = Field(default=256, ge=1)
     records_file: str = "records.jsonl"
+    reasoning_parser: Literal["auto", "none"] = Field(
+        default="auto",
+        description="auto: a model whose chat template writes <think> blocks gets them back as "
+        "reasoning_content (the Responses API: a reasoning item); none: all text is content.",
+    )  # fmt: skip
     responses_store_bytes: int = Field(
         default=64 << 20, ge=0,
         description="Memory for Responses API responses kept for previous_response_id (oldest dropped first); "

@@ -32,6 +32,7 @@ from cacheproxy.log import get_logger
 from cacheproxy.server.auth import cache_salt, tenant_of
 from cacheproxy.server.errors import ApiError
 from cacheproxy.server.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest, parse_body
+from cacheproxy.server.reasoning import prompt_opens_reasoning, template_reasons
 from cacheproxy.server.response_store import output_as_message
 from cacheproxy.server.shapes import ChatShape, Choice, CompletionShape, ResponseShape, ResponsesShape
 from cacheproxy.server.sse import SSEStream
@@ -97,6 +98,7 @@ class PromptInput:
     # the start of a tool call written for the model (tool_choice required or named): part of the
     # prompt's tokens, and of the answer's text the calls are parsed from
     answer_prefix: str = ""
+    opens_reasoning: bool = False  # the prompt ends inside a <think> block (DeepSeek-R1's template)
 
 
 def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> PromptInput:
@@ -113,7 +115,8 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> PromptInput:
     forced, name = req.forced_tool()
     prefix = forced_call_prefix(tool_call_format(tok.chat_template), name) if forced and req.add_generation_prompt else ""
     # The template writes BOS itself; adding special tokens again would double it.
-    return PromptInput(tok.encode(text + prefix, add_special_tokens=False), answer_prefix=prefix)
+    return PromptInput(tok.encode(text + prefix, add_special_tokens=False), answer_prefix=prefix,
+                       opens_reasoning=prompt_opens_reasoning(text + prefix))
 
 
 def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[PromptInput]:
@@ -257,7 +260,7 @@ class GenerationRun:
         self.include_usage = include_usage
         self.logprobs = logprobs
         self.choices = [Choice(j.choice_index, j.prompt_index, [j.prompt.answer_prefix] if j.prompt.answer_prefix
-                               else []) for j in jobs]
+                               else [], opens_reasoning=j.prompt.opens_reasoning) for j in jobs]
         self.engine_start = 0.0
         self.engine_end = 0.0
 
@@ -518,8 +521,10 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
             tool_format = None
             if req.tools and req.tool_choice != "none":  # forced calls too: the prefix is their text's start
                 tool_format = tool_call_format(state.engine.tokenizer.chat_template)
+            reasoning = state.settings.reasoning_parser == "auto" and template_reasons(
+                state.engine.tokenizer.chat_template)  # fmt: skip
             shape: ResponseShape = ChatShape(record.id, state.engine.model_name, int(record.time), tool_format,
-                                             req.parallel_tool_calls is not False)
+                                             req.parallel_tool_calls is not False, reasoning)
             if resp_req is not None:
                 shape = ResponsesShape(record.id, state.engine.model_name, int(record.time), shape,
                                        _responses_echo(resp_req, _stores(state, resp_req)))

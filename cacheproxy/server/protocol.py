@@ -344,6 +344,11 @@ class ResponsesRequest(_Lenient):
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     cache_salt: str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     def check(self) -> None:
         if isinstance(self.input, list) and not self.input:
@@ -438,7 +443,9 @@ class ResponsesRequest(_Lenient):
             "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "response_format": self._response_format(), "metadata": self.metadata, "user": self.user,
             "prompt_cache_key": self.prompt_cache_key, "seed": self.seed, "top_k": self.top_k,
-            "cache_salt": self.cache_salt,
+            "cache_salt": self.cache_salt, "guided_json": self.guided_json, "guided_regex": self.guided_regex,
+            "guided_choice": self.guided_choice, "guided_grammar": self.guided_grammar,
+            "structured_outputs": self.structured_outputs,
         }  # fmt: skip
         body.update({k: v for k, v in fields.items() if v is not None})
         return body

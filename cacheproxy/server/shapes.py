@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cacheproxy.engine.request import TokenLogprob
+from cacheproxy.server.reasoning import split_reasoning
 from cacheproxy.server.tool_calls import held_from, parse_tool_calls
 
 
@@ -20,7 +21,9 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     last_time: float = 0.0
-    emitted: int = 0  # characters of text already streamed (tool-call parsing holds some back)
+    emitted: int = 0  # characters of text (of content, with reasoning apart) already streamed
+    opens_reasoning: bool = False  # the prompt ended inside a <think> block (reasoning.py)
+    reasoning_emitted: int = 0  # characters of reasoning already streamed
 
 
 def _chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
@@ -103,17 +106,26 @@ class ChatShape(ResponseShape):
     chunk_object_name = "chat.completion.chunk"
 
     def __init__(self, response_id: str, model: str, created: int, tool_format: str | None = None,
-                 parallel_tool_calls: bool = True) -> None:
+                 parallel_tool_calls: bool = True, reasoning: bool = False) -> None:
         super().__init__(response_id, model, created)
         # Set when the request offered tools: calls in the text become `tool_calls`.
         self.tool_format = tool_format
         # parallel_tool_calls=false: a message carries at most one call (the first the model wrote).
         self.max_calls = None if parallel_tool_calls else 1
+        # A reasoning model: its <think> block becomes `reasoning_content` (reasoning.py).
+        self.reasoning = reasoning
 
     def _calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         assert self.tool_format is not None
         content, calls = parse_tool_calls(text, self.tool_format)
         return content, calls[: self.max_calls]
+
+    def _parts(self, choice: Choice, final: bool) -> tuple[str | None, str]:
+        """(reasoning, content) of the choice's text so far."""
+        full = "".join(choice.text_parts)
+        if not self.reasoning:
+            return None, full
+        return split_reasoning(full, choice.opens_reasoning, final)
 
     def start_choice(self, index: int) -> dict[str, Any]:
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -121,36 +133,52 @@ class ChatShape(ResponseShape):
 
     def delta_choice(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None,
                      text_offset: int) -> dict[str, Any] | None:
-        if self.tool_format is not None:
-            full = "".join(choice.text_parts)
-            safe = held_from(full, self.tool_format)
-            text = full[choice.emitted : safe] if safe > choice.emitted else ""
-            choice.emitted = max(choice.emitted, safe)
-            if not text and logprobs is None:
-                return None
-        return {"index": choice.index, "delta": {"content": text},
-                "logprobs": _chat_logprobs(logprobs) if logprobs is not None else None, "finish_reason": None}
+        lps = _chat_logprobs(logprobs) if logprobs is not None else None
+        if self.tool_format is None and not self.reasoning:
+            return {"index": choice.index, "delta": {"content": text}, "logprobs": lps, "finish_reason": None}
+        reasoning, content = self._parts(choice, final=False)
+        delta: dict[str, Any] = {}
+        if reasoning is not None and len(reasoning) > choice.reasoning_emitted:
+            delta["reasoning_content"] = reasoning[choice.reasoning_emitted :]
+            choice.reasoning_emitted = len(reasoning)
+        safe = held_from(content, self.tool_format) if self.tool_format is not None else len(content)
+        if safe > choice.emitted:
+            delta["content"] = content[choice.emitted : safe]
+            choice.emitted = safe
+        if not delta and logprobs is None:
+            return None
+        if not delta:
+            delta["content"] = ""
+        return {"index": choice.index, "delta": delta, "logprobs": lps, "finish_reason": None}
 
     def finish_choice(self, choice: Choice) -> dict[str, Any]:
         delta: dict[str, Any] = {}
         reason = choice.finish_reason
+        if self.tool_format is None and not self.reasoning:
+            return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        reasoning, content = self._parts(choice, final=True)
+        if reasoning is not None and len(reasoning) > choice.reasoning_emitted:
+            delta["reasoning_content"] = reasoning[choice.reasoning_emitted :]
+            choice.reasoning_emitted = len(reasoning)
+        rest = content[choice.emitted :]
+        calls: list[dict[str, Any]] = []
         if self.tool_format is not None:
-            full = "".join(choice.text_parts)
-            rest = full[choice.emitted :]
-            content, calls = self._calls(rest)
+            text, calls = self._calls(rest)
             if calls:
-                if content:
-                    delta["content"] = content
+                if text:
+                    delta["content"] = text
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
                 reason = "tool_calls"
-            elif rest:
-                delta["content"] = rest
-            choice.emitted = len(full)
+        if not calls and rest:
+            delta["content"] = rest
+        choice.emitted = len(content)
         return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": reason}
 
     def full_choice(self, choice: Choice, logprobs: bool) -> dict[str, Any]:
-        text = "".join(choice.text_parts)
+        reasoning, text = self._parts(choice, final=True)
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         reason = choice.finish_reason
         if self.tool_format is not None:
             content, calls = self._calls(text)
@@ -200,7 +228,10 @@ class ResponsesShape(ResponseShape):
         self.chat = chat
         self.echo = echo  # the request's fields a Response repeats (instructions, tools, tool_choice, ...)
         self.message_id = "msg_" + response_id.removeprefix("resp_")
+        self.reasoning_id = "rs_" + response_id.removeprefix("resp_")
         self._seq = 0
+        self._reasoning_index: int | None = None  # output index of the open reasoning item, while streaming
+        self._reasoning = ""
         self._message_index: int | None = None  # output index of the open message item, while streaming
         self._text = ""
         self._output: list[dict[str, Any]] = []
@@ -234,8 +265,14 @@ class ResponsesShape(ResponseShape):
         return {"id": f"fc_{self.message_id[4:]}_{index}", "type": "function_call", "call_id": call["id"],
                 "name": fn["name"], "arguments": arguments, "status": status}  # fmt: skip
 
-    def _output_items(self, text: str | None, calls: list[dict[str, Any]], status: str) -> list[dict[str, Any]]:
-        items = [self._message(text, status)] if text else []
+    def _reasoning_item(self, text: str, status: str) -> dict[str, Any]:
+        return {"id": self.reasoning_id, "type": "reasoning", "summary": [], "status": status,
+                "content": [{"type": "reasoning_text", "text": text}]}  # fmt: skip
+
+    def _output_items(self, reasoning: str | None, text: str | None, calls: list[dict[str, Any]],
+                      status: str) -> list[dict[str, Any]]:
+        items = [self._reasoning_item(reasoning, status)] if reasoning else []
+        items += [self._message(text, status)] if text else []
         return items + [self._function_call(c, i, "completed", c["function"]["arguments"]) for i, c in enumerate(calls)]
 
     # --- streamed ------------------------------------------------------------------------
@@ -243,8 +280,37 @@ class ResponsesShape(ResponseShape):
         r = self.response("in_progress", [], None)
         return {"events": [{"type": "response.created", "response": r}, {"type": "response.in_progress", "response": r}]}
 
+    def _reasoning_events(self, delta: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if self._reasoning_index is None:
+            self._reasoning_index = len(self._output)
+            item = {**self._reasoning_item("", "in_progress"), "content": []}
+            events += [
+                {"type": "response.output_item.added", "output_index": self._reasoning_index, "item": item},
+                {"type": "response.content_part.added", "item_id": self.reasoning_id,
+                 "output_index": self._reasoning_index, "content_index": 0, "part": {"type": "reasoning_text", "text": ""}},
+            ]  # fmt: skip
+        self._reasoning += delta
+        events.append({"type": "response.reasoning_text.delta", "item_id": self.reasoning_id,
+                       "output_index": self._reasoning_index, "content_index": 0, "delta": delta})  # fmt: skip
+        return events
+
+    def _close_reasoning(self, status: str) -> list[dict[str, Any]]:
+        """The reasoning item's closing events (once: before the answer or calls begin)."""
+        if self._reasoning_index is None or len(self._output) > self._reasoning_index:
+            return []
+        i, item = self._reasoning_index, self._reasoning_item(self._reasoning, status)
+        self._output.append(item)
+        return [
+            {"type": "response.reasoning_text.done", "item_id": self.reasoning_id, "output_index": i,
+             "content_index": 0, "text": self._reasoning},
+            {"type": "response.content_part.done", "item_id": self.reasoning_id, "output_index": i,
+             "content_index": 0, "part": {"type": "reasoning_text", "text": self._reasoning}},
+            {"type": "response.output_item.done", "output_index": i, "item": item},
+        ]  # fmt: skip
+
     def _text_events(self, delta: str) -> list[dict[str, Any]]:
-        events = []
+        events = self._close_reasoning("completed")
         if self._message_index is None:
             self._message_index = len(self._output)
             item = {**self._message("", "in_progress"), "content": []}
@@ -261,15 +327,21 @@ class ResponsesShape(ResponseShape):
     def delta_choice(self, choice: Choice, text: str, logprobs: list[TokenLogprob] | None,
                      text_offset: int) -> dict[str, Any] | None:
         entry = self.chat.delta_choice(choice, text, None, text_offset)
-        delta = entry["delta"]["content"] if entry is not None else ""
-        return {"events": self._text_events(delta)} if delta else None
+        delta = entry["delta"] if entry is not None else {}
+        events = self._reasoning_events(delta["reasoning_content"]) if delta.get("reasoning_content") else []
+        if delta.get("content"):
+            events += self._text_events(delta["content"])
+        return {"events": events} if events else None
 
     def finish_choice(self, choice: Choice) -> dict[str, Any]:
         entry = self.chat.finish_choice(choice)
         self._finish_reason = reason = entry["finish_reason"]
         delta = entry["delta"]
-        events = self._text_events(delta["content"]) if delta.get("content") else []
         status = "incomplete" if reason == "length" else "completed"
+        events = self._reasoning_events(delta["reasoning_content"]) if delta.get("reasoning_content") else []
+        if delta.get("content"):
+            events += self._text_events(delta["content"])
+        events += self._close_reasoning(status)
         if self._message_index is not None:
             i, part = self._message_index, {"type": "output_text", "text": self._text, "annotations": [], "logprobs": []}
             item = self._message(self._text, status)
@@ -324,6 +396,7 @@ class ResponsesShape(ResponseShape):
         message = choices[0]["message"]
         reason = choices[0]["finish_reason"]
         status = "incomplete" if reason == "length" else "completed"
-        output = self._output_items(message.get("content"), message.get("tool_calls") or [], status)
+        output = self._output_items(message.get("reasoning_content"), message.get("content"),
+                                    message.get("tool_calls") or [], status)  # fmt: skip
         self.completed = self.response("completed", output, usage, reason)
         return self.completed
