@@ -155,3 +155,17 @@ def test_with_the_parser_off_the_block_stays_in_the_content(reasoner: Path, tmp_
         assert "reasoning_content" not in (r.choices[0].message.model_extra or {})
     finally:
         stop_server(srv)
+
+
+def test_a_structured_answer_is_the_content_even_after_a_prompt_that_opens_the_block(
+    reasoning_server: ServerProcess,
+) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}  # fmt: skip
+    r = _client(reasoning_server).chat.completions.create(
+        model="reasoner", messages=[{"role": "user", "content": "JSON."}], max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        extra_body={"cache_salt": uuid.uuid4().hex, "chat_template_kwargs": {"open_think": True}},
+    )  # fmt: skip
+    assert json.loads(r.choices[0].message.content or "") in ({"ok": True}, {"ok": False})
+    assert not (r.choices[0].message.model_extra or {}).get("reasoning_content")

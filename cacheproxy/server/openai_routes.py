@@ -543,6 +543,11 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
         structured = await _structured(state, req, "response_format" if resp_req is None else "text.format")
+        if structured is not None and structured.kind in ("json_schema", "choice", "lark"):
+            for prompt in prompts:
+                # a JSON, choice or tool-call constraint shapes the answer from its first token, even
+                # after a prompt that opened a <think> block (a user's regex or grammar may write one)
+                prompt.opens_reasoning = False
         for p_idx, prompt in enumerate(prompts):
             max_tokens = _max_tokens(req.requested_max_tokens(), len(prompt.token_ids), state, param)
             for k in range(req.n):
