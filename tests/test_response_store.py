@@ -10,13 +10,17 @@ def _body(text: str) -> dict:  # type: ignore[type-arg]
 
 
 def test_the_oldest_go_first_when_the_bytes_run_out_and_a_read_counts_as_use() -> None:
-    store = ResponseStore(max_bytes=1000)
     msgs = [{"role": "user", "content": "x" * 100}]
+    probe = ResponseStore(max_bytes=1 << 20)
+    probe.put("p", "t", msgs, _body("y" * 100))
+    entry = probe.used_bytes
+    assert 200 < entry < 600  # the 200 characters, and a little for the containers
+    store = ResponseStore(max_bytes=3 * entry + entry // 2)  # room for three
     for i in range(3):
         assert store.put(f"r{i}", "t", msgs, _body("y" * 100))
     assert store.get("r0", "t") is not None  # r0 is now the newest use
     store.put("r3", "t", msgs, _body("y" * 100))
-    assert store.used_bytes <= 1000
+    assert store.used_bytes <= store.max_bytes and len(store) == 3
     assert store.get("r1", "t") is None and store.get("r0", "t") is not None and store.get("r3", "t") is not None
     assert not store.put("huge", "t", [{"role": "user", "content": "z" * 2000}], _body(""))
 

@@ -9,7 +9,6 @@ is bounded by bytes (oldest dropped first) and does not outlive the process.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ class ResponseStore:
 
     def put(self, response_id: str, tenant: str, messages: list[dict[str, Any]], body: dict[str, Any]) -> bool:
         """Keeps a response; False when it alone is larger than the whole store."""
-        nbytes = len(json.dumps(messages)) + len(json.dumps(body))
+        nbytes = _size(messages) + _size(body)
         if nbytes > self.max_bytes:
             return False
         with self._lock:
@@ -66,6 +65,18 @@ class ResponseStore:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _size(value: Any) -> int:
+    """About the bytes `value` holds (its strings, 16 a container entry), without serializing it:
+    a long conversation is measured again at each turn, on the event loop."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(16 + len(k) + _size(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(16 + _size(v) for v in value)
+    return 16
 
 
 def output_as_message(body: dict[str, Any]) -> dict[str, Any]:
