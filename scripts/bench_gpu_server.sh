@@ -4,6 +4,7 @@
 #   scripts/bench_gpu_server.sh [OUT_DIR] [extra `cacheproxy bench` args]
 # SERVE_ARGS adds `cacheproxy serve` flags, e.g. SERVE_ARGS="--kv-cache-bytes 2147483648" for a pool small
 # enough that prefixes come back from the CPU tier.
+# API_FEATURES=1 then runs scripts/bench_api_features.py against the same server (api_features.txt).
 # Writes OUT_DIR/bench.json (summary + every request), bench.png, stats.json, server.log.
 set -euo pipefail
 out=${1:-/tmp/cacheproxy-gpu-bench}
@@ -28,6 +29,9 @@ done
 url="http://127.0.0.1:$port"
 python3 -m cacheproxy.cli bench --url "$url" --workload mixed --seed 0 --png "$out/bench.png" --json "$@" >"$out/bench.json"
 python3 -m cacheproxy.cli stats --url "$url" --json >"$out/stats.json" || true
+if [ "${API_FEATURES:-0}" = 1 ]; then
+  python3 scripts/bench_api_features.py --url "$url" | tee "$out/api_features.txt"
+fi
 python3 - "$out/bench.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
