@@ -329,8 +329,10 @@ class LLMEngine:
         # A view of the packed ids, hashed in place: no second conversion of the ids.
         seq.block_hashes = self.hasher.hash_blocks(np.frombuffer(packed, dtype="<i4"), parent=root)
         if params.seed is not None and not params.greedy:
-            # any 64-bit seed (negative ones too) maps onto the generator's unsigned range
-            seq.generator = torch.Generator(device="cpu").manual_seed(params.seed % (2**64 - 1))
+            # Any 64-bit seed (negative ones too) maps onto the generator's unsigned range. On the logits'
+            # device: a CPU generator made each seeded row copy its probabilities to the host every step
+            # (batch 8 on an H100: 171 tokens/s against 826 unseeded).
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed % (2**64 - 1))
         self.seqs[req.request_id] = seq
         self.streams[req.request_id] = _Stream(IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
