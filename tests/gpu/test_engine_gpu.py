@@ -297,3 +297,25 @@ def test_structured_outputs_on_cuda_hold_and_leave_batch_mates_alone(models: dic
             assert re.fullmatch(r"[a-f]{4}-\d\d", text), text
         elif rid.startswith("choice"):
             assert text in ("north", "south", "east"), text
+
+
+def test_a_seeded_request_draws_the_same_tokens_on_cuda_whatever_its_batch(models: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    engine = _engine(models["llama"], tmp_path)
+    prompts = _prompts(12, [40, 60, 80])
+
+    def seeded(seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=24, temperature=1.0, seed=seed, ignore_eos=True)
+
+    alone = generate_blocking(engine, [GenerationRequest("a", prompts[0], seeded(5))])["a"]
+    again = generate_blocking(engine, [GenerationRequest("b", prompts[0], seeded(5))])["b"]
+    crowded = generate_blocking(engine, [
+        GenerationRequest("c", prompts[0], seeded(5)), GenerationRequest("d", prompts[1], seeded(6)),
+        GenerationRequest("e", prompts[2], SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)),
+    ])  # fmt: skip
+    other = generate_blocking(engine, [GenerationRequest("f", prompts[0], seeded(7))])["f"]
+    assert alone == again == crowded["c"] and other != alone
+    engine.add_request(GenerationRequest("g", prompts[0], seeded(1)))
+    generator = engine.seqs["g"].generator
+    assert generator is not None and generator.device.type == "cuda"  # draws where the logits are
+    engine.abort("g")
