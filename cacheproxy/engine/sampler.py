@@ -7,33 +7,53 @@ import torch
 from cacheproxy.engine.request import SamplingParams
 
 
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distributions sampled rows draw from, [N, V] float32, for all rows at once: logits over
+    temperature, then the top-k (every token tied with the k-th stays), then the smallest set of most
+    likely tokens whose mass reaches top-p (at least one token)."""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+    rows = logits / temps[:, None]
+    ks = [p.top_k if 0 < p.top_k < rows.shape[-1] else 0 for p in params]
+    if any(ks):
+        top = torch.topk(rows, max(ks), dim=-1).values
+        k = torch.tensor(ks, device=device)
+        kth = top.gather(1, (k - 1).clamp(min=0)[:, None])
+        kth = torch.where(k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
+        rows = rows.masked_fill(rows < kth, float("-inf"))
+    probs = torch.softmax(rows, dim=-1)
+    top_ps = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_ps):
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        top_p = torch.tensor(top_ps, dtype=probs.dtype, device=device)
+        # a token is dropped when the tokens before it already reach top_p (rows with top_p 1 keep all)
+        drop = (sorted_p.cumsum(-1) - sorted_p >= top_p[:, None]) & (top_p[:, None] < 1.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> tuple[list[int], torch.Tensor | None]:
     """logits [N, V] float32 -> (token ids, log-probabilities [N, V] of the model's distribution,
     computed only when a request asked for logprobs).
 
-    Greedy rows are one argmax for the whole batch; sampled rows draw with their own generator, so
-    a request with a seed gets the same tokens whatever else shares its batch.
+    Greedy rows are one argmax for the whole batch, and unseeded sampled rows one draw; a row with a
+    seed draws with its own generator, so it gets the same tokens whatever else shares its batch.
     """
     logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
-    out = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = logits[i] / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        g = generators[i]
-        if g is not None and g.device != probs.device:
-            probs = probs.to(g.device)
-        out[i] = int(torch.multinomial(probs, 1, generator=g).item())
-    return out, logprobs
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        probs = sampling_probs(logits.index_select(0, index), [params[i] for i in sampled])
+        free = [k for k, i in enumerate(sampled) if generators[i] is None]
+        if free:
+            pick = torch.tensor(free, device=logits.device)
+            chosen[index[pick]] = torch.multinomial(probs.index_select(0, pick), 1).squeeze(1)
+        for k, i in enumerate(sampled):
+            g = generators[i]
+            if g is not None:
+                row = probs[k : k + 1] if g.device == probs.device else probs[k : k + 1].to(g.device)
+                chosen[i] = torch.multinomial(row, 1, generator=g).to(chosen.device).squeeze()
+    return chosen.tolist(), logprobs
