@@ -494,17 +494,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         resp_req: ResponsesRequest | None = None
         history: list[dict[str, Any]] = []
         if endpoint == "responses":
-            resp_req = parse_body(ResponsesRequest, body)
-            resp_req.check()
-            if resp_req.previous_response_id is not None:
-                previous = state.responses.get(resp_req.previous_response_id, record.tenant)
-                if previous is None:
-                    raise ApiError(404, f"previous response {resp_req.previous_response_id!r} not found (responses "
-                                        "are kept in memory, within responses_store_bytes, until a restart)",
-                                   code="previous_response_not_found", param="previous_response_id")  # fmt: skip
-                history = previous.messages
-            req = parse_body(ChatCompletionRequest, resp_req.chat_body(history))
-            req.stream = resp_req.stream
+            resp_req, req, history = _responses_as_chat(state, body, record.tenant)
         elif endpoint == "chat":
             req = parse_body(ChatCompletionRequest, body)
         else:
@@ -559,10 +549,8 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         response = await run.respond()
         if record.status == 0:
             record.status = 200
-        completed = shape.completed if isinstance(shape, ResponsesShape) else None
-        if resp_req is not None and completed is not None and _stores(state, resp_req):
-            turn = history + resp_req.input_messages() + [output_as_message(completed)]
-            state.responses.put(record.id, record.tenant, turn, completed)
+        if resp_req is not None and isinstance(shape, ResponsesShape):
+            _keep_response(state, record, resp_req, history, shape)
         return response
     except ApiError as exc:
         record.status, record.error = exc.status, exc.code
@@ -583,6 +571,33 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
                  completion_tokens=record.completion_tokens,
                  ttft_ms=None if record.ttft_s is None else round(record.ttft_s * 1000, 2),
                  e2e_ms=round(record.e2e_s * 1000, 2))
+
+
+def _responses_as_chat(state: ServerState, body: Any, tenant: str
+                       ) -> tuple[ResponsesRequest, ChatCompletionRequest, list[dict[str, Any]]]:
+    """A Responses body, the kept conversation it continues (previous_response_id) as chat messages, and
+    the whole request as a chat completions one: the route's path from here on."""
+    resp_req = parse_body(ResponsesRequest, body)
+    resp_req.check()
+    history: list[dict[str, Any]] = []
+    if resp_req.previous_response_id is not None:
+        previous = state.responses.get(resp_req.previous_response_id, tenant)
+        if previous is None:
+            raise ApiError(404, f"previous response {resp_req.previous_response_id!r} not found (responses are "
+                                "kept in memory, within responses_store_bytes, until a restart)",
+                           code="previous_response_not_found", param="previous_response_id")  # fmt: skip
+        history = previous.messages
+    req = parse_body(ChatCompletionRequest, resp_req.chat_body(history))
+    req.stream = resp_req.stream
+    return resp_req, req, history
+
+
+def _keep_response(state: ServerState, record: RequestRecord, req: ResponsesRequest,
+                   history: list[dict[str, Any]], shape: ResponsesShape) -> None:
+    """Keeps a finished response (unless store=false) for previous_response_id and GET by id."""
+    if shape.completed is not None and _stores(state, req):
+        turn = history + req.input_messages() + [output_as_message(shape.completed)]
+        state.responses.put(record.id, record.tenant, turn, shape.completed)
 
 
 def _stores(state: ServerState, req: ResponsesRequest) -> bool:
