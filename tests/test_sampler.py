@@ -89,3 +89,19 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch() -> None:
     mixed = sample(rows, batch_params, [None, torch.Generator().manual_seed(9), None, None,
                                         torch.Generator().manual_seed(1)])[0]  # fmt: skip
     assert alone == [alone[0]] * 3 and mixed[1] == alone[0]
+
+
+def test_seeded_rows_draw_from_their_own_distributions() -> None:
+    inf = float("inf")
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -inf, -inf],
+                           [0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])  # fmt: skip
+    params = [SamplingParams(temperature=1.0, seed=0), SamplingParams(temperature=1.0, top_k=2, seed=0)]
+    want = sampling_probs(logits, params)
+    want = want / want.sum(-1, keepdim=True)
+    counts = torch.zeros(2, 6)
+    n = 4000
+    for s in range(n):  # a fresh seed each time: the draws over seeds follow each row's distribution
+        tokens, _ = sample(logits.clone(), params, [torch.Generator().manual_seed(s), torch.Generator().manual_seed(n + s)])
+        counts[torch.arange(2), torch.tensor(tokens)] += 1
+    assert torch.all((counts / n - want).abs() < 0.03), (counts / n, want)
+    assert counts[0, 4:].sum() == 0  # tokens of no mass (masked to -inf) are never drawn

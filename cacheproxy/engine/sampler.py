@@ -39,7 +39,7 @@ def sample(
     computed only when a request asked for logprobs).
 
     Greedy rows are one argmax for the whole batch, and unseeded sampled rows one draw; a row with a
-    seed draws with its own generator, so it gets the same tokens whatever else shares its batch.
+    seed draws from its own generator's stream, so it gets the same tokens whatever else shares its batch.
     """
     logprobs = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in params) else None
     chosen = logits.argmax(dim=-1)
@@ -51,9 +51,16 @@ def sample(
         if free:
             pick = torch.tensor(free, device=logits.device)
             chosen[index[pick]] = torch.multinomial(probs.index_select(0, pick), 1).squeeze(1)
-        for k, i in enumerate(sampled):
-            g = generators[i]
-            if g is not None:
-                row = probs[k : k + 1] if g.device == probs.device else probs[k : k + 1].to(g.device)
-                chosen[i] = torch.multinomial(row, 1, generator=g).to(chosen.device).squeeze()
+        seeded = [k for k, i in enumerate(sampled) if generators[i] is not None]
+        if seeded:
+            # Each seeded row takes one uniform number from its own generator, then all of them invert
+            # their distribution's cumulative sum at once (a draw from the row's own stream, so the same
+            # whatever shares the batch).
+            u = torch.cat([torch.rand(1, generator=generators[sampled[k]], device=generators[sampled[k]].device)
+                           .to(logits.device) for k in seeded])  # fmt: skip
+            pick = torch.tensor(seeded, device=logits.device)
+            cdf = probs.index_select(0, pick).cumsum(-1)
+            # right=True: the first token whose cumulative mass passes u, never a token of zero mass
+            drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+            chosen[index[pick]] = drawn.clamp(max=probs.shape[-1] - 1)
     return chosen.tolist(), logprobs
