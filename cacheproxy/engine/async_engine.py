@@ -129,6 +129,8 @@ class AsyncEngine:
         """Raises EngineError when the constraint does not compile. Compiling may take a while (a
         second for the first on a large vocabulary), so it runs off the event loop."""
         engine = self._require()
+        if engine.structured_compiled(spec):  # the route checked it already, or an earlier request did
+            return
         await asyncio.get_running_loop().run_in_executor(None, engine.check_structured, spec)
 
     async def run_on_engine(self, fn: Callable[[LLMEngine], T]) -> T:

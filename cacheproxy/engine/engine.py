@@ -282,6 +282,9 @@ class LLMEngine:
         time), any thread may call it, and `add_request` then finds it compiled."""
         self.grammars.check(spec)
 
+    def structured_compiled(self, spec: StructuredOutput) -> bool:
+        return self.grammars.compiled(spec)
+
     def _checked_prompt(self, req: GenerationRequest) -> tuple[list[int], bytes]:
         """check_request's checks; returns a copy of the prompt's ids and their int32-LE bytes, made
         in the same pass as the vocabulary check (the hash chain and the admission walk use them)."""

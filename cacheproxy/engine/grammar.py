@@ -127,6 +127,11 @@ class GrammarCompiler:
         """Raises EngineError when `spec` does not compile (the server's 400)."""
         self._compile(spec)
 
+    def compiled(self, spec: StructuredOutput) -> bool:
+        """Whether `spec` is compiled already (a check would only find it)."""
+        with self._lock:
+            return spec in self._compiled
+
     def matcher(self, spec: StructuredOutput) -> TokenMatcher:
         return TokenMatcher(self._compile(spec).deep_copy(), self.mask_words)
 

@@ -101,6 +101,13 @@ class ResponseShape:
         return body
 
 
+def _add_reasoning(delta: dict[str, Any], choice: Choice, reasoning: str | None) -> None:
+    """The reasoning not streamed yet, into `delta`."""
+    if reasoning is not None and len(reasoning) > choice.reasoning_emitted:
+        delta["reasoning_content"] = reasoning[choice.reasoning_emitted :]
+        choice.reasoning_emitted = len(reasoning)
+
+
 class ChatShape(ResponseShape):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
@@ -138,9 +145,7 @@ class ChatShape(ResponseShape):
             return {"index": choice.index, "delta": {"content": text}, "logprobs": lps, "finish_reason": None}
         reasoning, content = self._parts(choice, final=False)
         delta: dict[str, Any] = {}
-        if reasoning is not None and len(reasoning) > choice.reasoning_emitted:
-            delta["reasoning_content"] = reasoning[choice.reasoning_emitted :]
-            choice.reasoning_emitted = len(reasoning)
+        _add_reasoning(delta, choice, reasoning)
         safe = held_from(content, self.tool_format) if self.tool_format is not None else len(content)
         if safe > choice.emitted:
             delta["content"] = content[choice.emitted : safe]
@@ -157,9 +162,7 @@ class ChatShape(ResponseShape):
         if self.tool_format is None and not self.reasoning:
             return {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": reason}
         reasoning, content = self._parts(choice, final=True)
-        if reasoning is not None and len(reasoning) > choice.reasoning_emitted:
-            delta["reasoning_content"] = reasoning[choice.reasoning_emitted :]
-            choice.reasoning_emitted = len(reasoning)
+        _add_reasoning(delta, choice, reasoning)
         rest = content[choice.emitted :]
         calls: list[dict[str, Any]] = []
         if self.tool_format is not None:
