@@ -128,6 +128,56 @@ def test_a_forced_call_has_arguments_that_match_the_tool_schema(client: openai.O
         jsonschema.validate(json.loads(calls[0].function.arguments), tool["function"]["parameters"])  # type: ignore[union-attr,index]
 
 
+def _strict(tool: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {**tool["function"], "strict": True}}
+
+
+def test_a_call_the_model_opens_by_itself_follows_the_tool_schema(client: openai.OpenAI, tokenizer: Any) -> None:
+    # tool_choice "auto": the bias makes the model open a call at once; from its <tool_call> on, the call
+    # is held to an offered tool and its schema (random weights write no valid call unguided)
+    opener = tokenizer.token_to_id("<tool_call>")
+    tools = {"create_user": _strict(CREATE_USER), "set_quota": SET_QUOTA}
+    names = set()
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model=SERVED_MODEL, messages=MESSAGES, tools=list(tools.values()), parallel_tool_calls=False,  # type: ignore[arg-type]
+            max_tokens=200, temperature=1.0, seed=seed, logit_bias={str(opener): 100}, extra_body=salt(),
+        )  # fmt: skip
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        [call] = choice.message.tool_calls or []
+        name = call.function.name  # type: ignore[union-attr]
+        names.add(name)
+        jsonschema.validate(json.loads(call.function.arguments), tools[name]["function"]["parameters"])  # type: ignore[union-attr]
+    assert names <= set(tools)
+
+
+def test_text_before_any_call_is_not_constrained(client: openai.OpenAI, tokenizer: Any) -> None:
+    # no call opened (the bias forbids it): the text is what the same request gives with calls switched
+    # off, token for token, so the guidance of calls costs free text nothing
+    never = {str(tokenizer.token_to_id("<tool_call>")): -100}
+    texts = {}
+    for choice in ("auto", "none"):
+        r = client.chat.completions.create(
+            model=SERVED_MODEL, messages=MESSAGES, tools=[_strict(CREATE_USER)], tool_choice=choice,  # type: ignore[list-item,arg-type]
+            max_tokens=40, temperature=1.0, seed=3, logit_bias=never, extra_body=salt(),
+        )  # fmt: skip
+        assert r.choices[0].finish_reason in ("stop", "length")
+        texts[choice] = r.choices[0].message.content
+    assert texts["auto"] and texts["auto"] == texts["none"]
+
+
+def test_a_strict_tool_whose_schema_cannot_be_enforced_is_a_400_a_plain_one_is_served(client: openai.OpenAI) -> None:
+    odd = {"type": "function", "function": {"name": "odd", "parameters": {
+        "type": "object", "properties": {"x": {"not": {"type": "string"}}}}}}  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=SERVED_MODEL, messages=MESSAGES, tools=[_strict(odd)], max_tokens=5)  # type: ignore[list-item]
+    body: Any = err.value.body
+    assert body["param"] == "tools" and '["not"]' in body["message"], body
+    r = client.chat.completions.create(model=SERVED_MODEL, messages=MESSAGES, tools=[odd], max_tokens=5)  # type: ignore[list-item]
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
 def test_a_json_format_next_to_callable_tools_allows_content_or_a_call(client: openai.OpenAI) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "user", "schema": USER_SCHEMA}}
     kinds = set()

@@ -322,11 +322,12 @@ class LLMEngine:
         params = req.params
         root = self.hasher.root(req.cache_salt)
         seq = Sequence(req.request_id, prompt, params, root, prompt_packed=packed)
-        if params.structured is not None:
-            seq.matcher = self.grammars.matcher(params.structured)
+        structured = params.structured
+        if structured is not None and structured.after_token is None:
+            seq.matcher = self.grammars.matcher(structured)
         # Until min_tokens the tokens that would end the text are not drawn (as vLLM does); a structured
         # output ends where its constraint says.
-        if params.min_tokens > 0 and params.structured is None:
+        if params.min_tokens > 0 and seq.matcher is None:
             eos = set() if params.ignore_eos else self.eos_ids
             seq.held_back = sorted(eos | set(params.stop_token_ids))
         # A view of the packed ids, hashed in place: no second conversion of the ids.
@@ -388,9 +389,12 @@ class LLMEngine:
             if seq.is_finished:  # aborted while the step ran
                 continue
             seq.output_ids.append(token)
-            if seq.matcher is not None and not seq.matcher.accept(token):
-                log.warning("structured output rejected a sampled token", request_id=seq.request_id,
-                            token=token, error=seq.matcher.error)  # fmt: skip
+            if seq.matcher is not None:
+                if not seq.matcher.accept(token):
+                    log.warning("structured output rejected a sampled token", request_id=seq.request_id,
+                                token=token, error=seq.matcher.error)  # fmt: skip
+            elif (spec := seq.params.structured) is not None and token == spec.after_token:
+                seq.matcher = self.grammars.matcher(spec)  # compiled when the request was checked
             if lp is not None:
                 seq.pending_logprobs.append(self._logprob(token, lp))
             outputs.append(self._emit(seq, token))

@@ -28,6 +28,9 @@ class StructuredOutput:
 
     kind: Literal["json_schema", "regex", "choice", "grammar", "lark"]
     spec: str
+    # Set: the text is free until the model writes this token, and the constraint holds from just after
+    # it to the end (tool calls the model may or may not make: `<tool_call>`, `[TOOL_CALLS]`).
+    after_token: int | None = None
 
 
 @dataclass(slots=True)

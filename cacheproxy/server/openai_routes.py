@@ -41,6 +41,7 @@ from cacheproxy.server.tool_calls import (
     HERMES_CLOSE,
     HERMES_OPEN,
     MISTRAL_MARK,
+    calls_after_marker_grammar,
     content_or_call_grammar,
     forced_call_grammar,
     forced_call_prefix,
@@ -431,13 +432,23 @@ async def _structured(state: ServerState, req: ChatCompletionRequest | Completio
         fmt = tool_call_format(tok.chat_template)
         tools = {t.function.name: t.function.parameters for t in req.tools}
         forced, name = req.forced_tool()
+        markers = {m: t for m in (HERMES_OPEN, HERMES_CLOSE, MISTRAL_MARK) if (t := tok.token_to_id(m)) is not None}
+        parallel = req.parallel_tool_calls is not False
         if forced and req.add_generation_prompt:
             structured, param = forced_call_grammar(fmt, tools, name), "tools"
         elif structured is not None:
-            markers = {m: tok.token_to_id(m) for m in (HERMES_OPEN, HERMES_CLOSE, MISTRAL_MARK)}
-            structured = content_or_call_grammar(fmt, structured, tools,
-                                                 {m: t for m, t in markers.items() if t is not None},
-                                                 req.parallel_tool_calls is not False)  # fmt: skip
+            structured = content_or_call_grammar(fmt, structured, tools, markers, parallel)
+        elif req.add_generation_prompt:
+            strict = frozenset(t.function.name for t in req.tools if t.function.strict)
+            structured, param = calls_after_marker_grammar(fmt, tools, strict, markers, parallel), "tools"
+            if structured is not None and not strict:
+                # Nothing asked for this guidance: a schema it cannot take leaves the calls unguided
+                # (as every server does for tool_choice "auto") rather than failing the request.
+                try:
+                    await state.engine.check_structured(structured)
+                except EngineError as exc:
+                    log.info("tool calls left unguided", reason=str(exc)[:200])
+                    return None
     if structured is None:
         return None
     try:
@@ -533,7 +544,8 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
         structured = await _structured(state, req, "response_format" if resp_req is None else "text.format")
-        if structured is not None and structured.kind in ("json_schema", "choice", "lark"):
+        shaped_from_start = structured is not None and structured.after_token is None
+        if shaped_from_start and structured.kind in ("json_schema", "choice", "lark"):  # type: ignore[union-attr]
             for prompt in prompts:
                 # a JSON, choice or tool-call constraint shapes the answer from its first token, even
                 # after a prompt that opened a <think> block (a user's regex or grammar may write one)

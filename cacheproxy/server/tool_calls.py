@@ -134,9 +134,11 @@ def forced_call_prefix(fmt: str, name: str | None) -> str:
     return head
 
 
-def _arguments_schema(parameters: dict[str, Any] | None) -> str:
+def _arguments_schema(parameters: dict[str, Any] | None, lenient: bool = False) -> str:
     schema = dict(parameters) if parameters else {"type": "object"}
-    schema.setdefault("x-guidance", JSON_LAYOUT)  # %json{...} takes its layout from the schema itself
+    # %json{...} takes its layout from the schema itself; lenient: keywords the grammar engine does not
+    # implement are ignored rather than refused
+    schema.setdefault("x-guidance", {**JSON_LAYOUT, "lenient": True} if lenient else JSON_LAYOUT)
     return json.dumps(schema, ensure_ascii=False)
 
 
@@ -144,16 +146,18 @@ def _lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _call_rules(fmt: str, tools: dict[str, dict[str, Any] | None], head: str) -> list[str]:
+def _call_rules(fmt: str, tools: dict[str, dict[str, Any] | None], head: str,
+                lenient: frozenset[str] = frozenset()) -> list[str]:
     """Lark rules `call0`, `call1`, ...: one call object per tool, from after `head` (the part of
-    `{"name": "` already written) to its closing brace; arguments match the tool's schema."""
+    `{"name": "` already written) to its closing brace; arguments match the tool's schema (leniently
+    for the tools named in `lenient`)."""
     key = "parameters" if fmt == "json" else "arguments"
     rules = []
     for i, (tool, params) in enumerate(tools.items()):
         start = f'{{"name": "{tool}", "{key}": '
         assert start.startswith(head)
         lead = _lark_string(start[len(head) :]) + " " if len(start) > len(head) else ""
-        rules.append(f'call{i}: {lead}%json{_arguments_schema(params)} "}}"')
+        rules.append(f'call{i}: {lead}%json{_arguments_schema(params, tool in lenient)} "}}"')
     return rules
 
 
@@ -168,6 +172,34 @@ def forced_call_grammar(fmt: str, tools: dict[str, dict[str, Any] | None], name:
     alternatives = " | ".join(f"call{i}" for i in range(len(rules)))
     start = f'start: ({alternatives}) "]"' if fmt == "mistral" else f"start: {alternatives}"
     return StructuredOutput("lark", "\n".join([start, *rules]) + "\n")
+
+
+def calls_after_marker_grammar(
+    fmt: str,
+    tools: dict[str, dict[str, Any] | None],
+    strict: frozenset[str],
+    marker_ids: dict[str, int],
+    parallel: bool = True,
+) -> StructuredOutput | None:
+    """tool_choice "auto": the model writes text or calls as it likes, and from the calls' opening marker
+    on (when it is one token of the vocabulary) the rest of its answer is calls in the template's format,
+    to offered functions, with arguments matching their schemas: exactly for `strict` functions (as
+    OpenAI guarantees), leniently for the others. Text before the marker is not constrained at all, so
+    it costs nothing. None where the format has no such marker (Llama 3's bare JSON object)."""
+    opener = {"hermes": HERMES_OPEN, "mistral": MISTRAL_MARK}.get(fmt)
+    trigger = marker_ids.get(opener) if opener is not None else None
+    if trigger is None:
+        return None
+    rules = _call_rules(fmt, tools, "", frozenset(tools) - strict)
+    any_call = "call: " + " | ".join(f"call{i}" for i in range(len(rules)))
+    if fmt == "hermes":
+        close = marker_ids.get(HERMES_CLOSE)
+        end = _lark_string(HERMES_CLOSE) if close is None else f"(<[{close}]> | {_lark_string(HERMES_CLOSE)})"
+        first = f'"\\n" call "\\n" {end}'
+        start = f'start: {first} ("\\n" <[{trigger}]> {first})*' if parallel else f"start: {first}"
+    else:
+        start = 'start: "[" call (", " call)* "]"' if parallel else 'start: "[" call "]"'
+    return StructuredOutput("lark", "\n".join([start, any_call, *rules]) + "\n", after_token=trigger)
 
 
 def content_or_call_grammar(
