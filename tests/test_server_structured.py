@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
 import openai
 import pytest
-from conftest import SERVED_MODEL, ServerProcess, async_client
+from conftest import SERVED_MODEL, ServerProcess, async_client, start_server, stop_server
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, Field
 
@@ -165,6 +168,42 @@ def test_text_before_any_call_is_not_constrained(client: openai.OpenAI, tokenize
         assert r.choices[0].finish_reason in ("stop", "length")
         texts[choice] = r.choices[0].message.content
     assert texts["auto"] and texts["auto"] == texts["none"]
+
+
+@pytest.fixture(scope="module")
+def bare_json_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny model with its chat template's call markers taken out: calls are a bare JSON object, as
+    Llama 3 writes them."""
+    folder = tmp_path_factory.mktemp("bare-json") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = config["chat_template"].replace("</tool_call>", "").replace("<tool_call>", "")
+    config_path.write_text(json.dumps(config))
+    srv = start_server(["--model", str(folder), "--served-model-name", "bare"], tmp_path_factory.mktemp("bare-data"))
+    yield srv
+    stop_server(srv)
+
+
+def test_a_bare_json_call_the_model_begins_follows_the_tool_schema(bare_json_server: ServerProcess,
+                                                                   tokenizer: Any) -> None:
+    brace = tokenizer.token_to_id("{")
+    tools = {"create_user": _strict(CREATE_USER), "set_quota": SET_QUOTA}
+    with openai.OpenAI(base_url=bare_json_server.base_url + "/v1", api_key="x", max_retries=0) as bare:
+        for seed in range(3):
+            r = bare.chat.completions.create(
+                model="bare", messages=MESSAGES, tools=list(tools.values()), max_tokens=200,  # type: ignore[arg-type]
+                temperature=1.0, seed=seed, logit_bias={str(brace): 100}, extra_body=salt(),
+            )  # fmt: skip
+            choice = r.choices[0]
+            assert choice.finish_reason == "tool_calls", choice
+            [call] = choice.message.tool_calls or []
+            jsonschema.validate(json.loads(call.function.arguments),  # type: ignore[union-attr]
+                                tools[call.function.name]["function"]["parameters"])  # type: ignore[union-attr]
+        text = bare.chat.completions.create(model="bare", messages=MESSAGES, tools=list(tools.values()),  # type: ignore[arg-type]
+                                            max_tokens=20, temperature=1.0, seed=1,
+                                            logit_bias={str(brace): -100}, extra_body=salt())  # fmt: skip
+        assert text.choices[0].finish_reason in ("stop", "length") and text.choices[0].message.content
 
 
 def test_a_strict_tool_whose_schema_cannot_be_enforced_is_a_400_a_plain_one_is_served(client: openai.OpenAI) -> None:

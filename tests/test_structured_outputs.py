@@ -189,3 +189,42 @@ def test_a_constraint_that_does_not_compile_is_refused_and_the_engine_goes_on(en
         engine.check_structured(spec)
     out = generate_blocking(engine, [GenerationRequest("after", _prompt(5), SamplingParams(max_tokens=3, temperature=0))])
     assert len(out["after"]) >= 1
+
+
+def test_a_constraint_after_a_token_starts_where_the_model_writes_it(engine: LLMEngine) -> None:
+    trigger = engine.tokenizer.token_to_id("<tool_call>")
+    assert trigger is not None
+    spec = StructuredOutput("regex", "[a-c]{5}", after_token=trigger)
+    engine.check_structured(spec)
+    runs = {}
+    for name, bias, structured in [("opened", 100.0, spec), ("free", -100.0, spec), ("plain", -100.0, None)]:
+        params = SamplingParams(max_tokens=30, temperature=1.0, seed=9, logit_bias={trigger: bias},
+                                structured=structured)  # fmt: skip
+        runs[name] = _run(engine, [GenerationRequest(name, _prompt(500), params)])[name]
+    text, ids, finish = runs["opened"]
+    assert ids[0] == trigger and finish == "stop" and re.fullmatch("<tool_call>[a-c]{5}", text), text
+    # never opened: the same tokens as with no constraint at all
+    assert runs["free"][1] == runs["plain"][1] and trigger not in runs["free"][1]
+
+
+def test_a_tentative_constraint_holds_only_once_the_model_begins_it(engine: LLMEngine) -> None:
+    spec = StructuredOutput("lark", 'start: BLANK? "{" /[a-c]{3}/ "}"\nBLANK: /[ \\n]+/\n', tentative=True)
+    engine.check_structured(spec)
+    vocab = engine.tokenizer.vocab_size
+    braces = [t for t in range(vocab) if engine.tokenizer.decode([t]).lstrip().startswith("{")]
+    brace = engine.tokenizer.token_to_id("{")
+    assert brace in braces
+    seen = []
+    for seed in range(3):
+        begun = SamplingParams(max_tokens=30, temperature=1.0, seed=seed, logit_bias={brace: 100.0}, structured=spec)
+        text, _, finish = _run(engine, [GenerationRequest(f"b{seed}", _prompt(600 + seed), begun)])[f"b{seed}"]
+        assert finish == "stop" and re.fullmatch(r"\{[a-c]{3}\}", text), text
+        # no token of the vocabulary that would begin it: the text is what it is with no constraint
+        never = dict.fromkeys(braces, -100.0)
+        free, plain = (SamplingParams(max_tokens=20, temperature=1.0, seed=seed, logit_bias=never, structured=s)
+                       for s in (spec, None))  # fmt: skip
+        runs = _run(engine, [GenerationRequest(f"f{seed}", _prompt(700 + seed), free),
+                             GenerationRequest(f"p{seed}", _prompt(700 + seed), plain)])  # fmt: skip
+        assert runs[f"f{seed}"][1] == runs[f"p{seed}"][1]
+        seen.append(runs[f"f{seed}"][0])
+    assert all(seen)

@@ -19,7 +19,7 @@ from cacheproxy.server.tool_calls import (
     HERMES_CLOSE,
     HERMES_OPEN,
     MISTRAL_MARK,
-    calls_after_marker_grammar,
+    auto_call_grammar,
     content_or_call_grammar,
     forced_call_grammar,
     forced_call_prefix,
@@ -118,7 +118,7 @@ def test_other_constraints_next_to_tools_are_kept_as_they_are(tokenizer: Tokeniz
     assert content_or_call_grammar("hermes", regex, TOOLS, {}) is regex
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "mistral"])
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "json"])
 @pytest.mark.parametrize("parallel", [True, False])
 def test_calls_the_model_opens_parse_as_calls_to_offered_tools(tokenizer: Tokenizer, fmt: str, parallel: bool) -> None:
     opener = tokenizer.token_to_id(HERMES_OPEN)
@@ -126,18 +126,21 @@ def test_calls_the_model_opens_parse_as_calls_to_offered_tools(tokenizer: Tokeni
     # the tiny vocabulary has no [TOOL_CALLS]: any single token stands in for it (the walk starts after it)
     markers = {HERMES_OPEN: opener, HERMES_CLOSE: tokenizer.token_to_id(HERMES_CLOSE)} if fmt == "hermes" \
         else {MISTRAL_MARK: opener}  # fmt: skip
-    spec = calls_after_marker_grammar(fmt, TOOLS, frozenset({"move"}), markers, parallel)  # type: ignore[arg-type]
-    assert spec is not None and spec.after_token == opener
+    spec = auto_call_grammar(fmt, TOOLS, frozenset({"move"}), markers, parallel)  # type: ignore[arg-type]
+    assert spec is not None
+    # Hermes and Mistral: free text, then the marker the constraint waits for; Llama 3's: a call is the
+    # whole answer, the constraint taken up once the model begins it
+    assert (spec.after_token, spec.tentative) == ((None, True) if fmt == "json" else (opener, False))
+    before = {"hermes": "Let me look. " + HERMES_OPEN, "mistral": MISTRAL_MARK, "json": ""}[fmt]
     counts = set()
     for seed in range(12):
-        before = "Let me look. " + HERMES_OPEN if fmt == "hermes" else MISTRAL_MARK
         content, calls = parse_tool_calls(before + _walk(tokenizer, spec, seed), fmt)
         _check_calls(calls, set(TOOLS))
         assert content == ("Let me look." if fmt == "hermes" else None)
         counts.add(len(calls))
-    assert counts == {1} if not parallel else max(counts) > 1
+    assert counts == {1} if not parallel or fmt == "json" else max(counts) > 1
 
 
-def test_calls_without_a_one_token_marker_are_not_guided(tokenizer: Tokenizer) -> None:
-    assert calls_after_marker_grammar("json", TOOLS, frozenset(TOOLS), {}) is None  # Llama 3: a bare object
-    assert calls_after_marker_grammar("hermes", TOOLS, frozenset(TOOLS), {}) is None  # <tool_call> is text
+def test_calls_whose_marker_is_not_one_token_are_not_guided(tokenizer: Tokenizer) -> None:
+    assert auto_call_grammar("hermes", TOOLS, frozenset(TOOLS), {}) is None  # <tool_call> written as text
+    assert auto_call_grammar("mistral", TOOLS, frozenset(TOOLS), {}) is None

@@ -323,7 +323,9 @@ class LLMEngine:
         root = self.hasher.root(req.cache_salt)
         seq = Sequence(req.request_id, prompt, params, root, prompt_packed=packed)
         structured = params.structured
-        if structured is not None and structured.after_token is None:
+        if structured is not None and structured.tentative:
+            seq.tentative_matcher = self.grammars.matcher(structured)
+        elif structured is not None and structured.after_token is None:
             seq.matcher = self.grammars.matcher(structured)
         # Until min_tokens the tokens that would end the text are not drawn (as vLLM does); a structured
         # output ends where its constraint says.
@@ -393,12 +395,22 @@ class LLMEngine:
                 if not seq.matcher.accept(token):
                     log.warning("structured output rejected a sampled token", request_id=seq.request_id,
                                 token=token, error=seq.matcher.error)  # fmt: skip
+            elif seq.tentative_matcher is not None:
+                self._feed_tentative(seq, token)
             elif (spec := seq.params.structured) is not None and token == spec.after_token:
                 seq.matcher = self.grammars.matcher(spec)  # compiled when the request was checked
             if lp is not None:
                 seq.pending_logprobs.append(self._logprob(token, lp))
             outputs.append(self._emit(seq, token))
         return outputs
+
+    def _feed_tentative(self, seq: Sequence, token: int) -> None:
+        matcher = seq.tentative_matcher
+        assert matcher is not None
+        if not matcher.accept(token):
+            seq.tentative_matcher = None  # the model wrote something else: its text stays free
+        elif self.tokenizer.decode([token], skip_special_tokens=False).strip():
+            seq.matcher, seq.tentative_matcher = matcher, None  # it began what the constraint describes
 
     def _settle(self) -> None:
         """The last step's bookkeeping, once its outputs are out: the blocks it filled join the prefix

@@ -28,9 +28,13 @@ class StructuredOutput:
 
     kind: Literal["json_schema", "regex", "choice", "grammar", "lark"]
     spec: str
-    # Set: the text is free until the model writes this token, and the constraint holds from just after
-    # it to the end (tool calls the model may or may not make: `<tool_call>`, `[TOOL_CALLS]`).
+    # Lazy constraints, for tool calls the model may or may not make. after_token: the text is free until
+    # the model writes this token (`<tool_call>`, `[TOOL_CALLS]`), and the constraint holds from just
+    # after it to the end. tentative: the model's first tokens are fed to the constraint unmasked while
+    # they are blank; the first other token either fits it (it then holds to the end) or leaves the text
+    # free (Llama 3's calls, a bare JSON object that is the whole answer).
     after_token: int | None = None
+    tentative: bool = False
 
 
 @dataclass(slots=True)

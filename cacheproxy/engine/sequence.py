@@ -50,6 +50,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     penalties: PenaltyState | None = None  # made at its first sampled step when its params adjust logits
     matcher: TokenMatcher | None = None  # where its structured output stands, when it asked for one
+    tentative_matcher: TokenMatcher | None = None  # fed but not masking yet (StructuredOutput.tentative)
     held_back: list[int] = field(default_factory=list)  # token ids not drawn before params.min_tokens
     reported_first: bool = False
     # Later prefix blocks loading while the earlier ones are recomputed (TieredStore.match).

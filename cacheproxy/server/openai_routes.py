@@ -41,7 +41,8 @@ from cacheproxy.server.tool_calls import (
     HERMES_CLOSE,
     HERMES_OPEN,
     MISTRAL_MARK,
-    calls_after_marker_grammar,
+    PYTHON_TAG,
+    auto_call_grammar,
     content_or_call_grammar,
     forced_call_grammar,
     forced_call_prefix,
@@ -432,7 +433,7 @@ async def _structured(state: ServerState, req: ChatCompletionRequest | Completio
         fmt = tool_call_format(tok.chat_template)
         tools = {t.function.name: t.function.parameters for t in req.tools}
         forced, name = req.forced_tool()
-        markers = {m: t for m in (HERMES_OPEN, HERMES_CLOSE, MISTRAL_MARK) if (t := tok.token_to_id(m)) is not None}
+        markers = {m: t for m in (HERMES_OPEN, HERMES_CLOSE, MISTRAL_MARK, PYTHON_TAG) if (t := tok.token_to_id(m)) is not None}
         parallel = req.parallel_tool_calls is not False
         if forced and req.add_generation_prompt:
             structured, param = forced_call_grammar(fmt, tools, name), "tools"
@@ -440,7 +441,7 @@ async def _structured(state: ServerState, req: ChatCompletionRequest | Completio
             structured = content_or_call_grammar(fmt, structured, tools, markers, parallel)
         elif req.add_generation_prompt:
             strict = frozenset(t.function.name for t in req.tools if t.function.strict)
-            structured, param = calls_after_marker_grammar(fmt, tools, strict, markers, parallel), "tools"
+            structured, param = auto_call_grammar(fmt, tools, strict, markers, parallel), "tools"
             if structured is not None and not strict:
                 # Nothing asked for this guidance: a schema it cannot take leaves the calls unguided
                 # (as every server does for tool_choice "auto") rather than failing the request.

@@ -174,7 +174,7 @@ def forced_call_grammar(fmt: str, tools: dict[str, dict[str, Any] | None], name:
     return StructuredOutput("lark", "\n".join([start, *rules]) + "\n")
 
 
-def calls_after_marker_grammar(
+def auto_call_grammar(
     fmt: str,
     tools: dict[str, dict[str, Any] | None],
     strict: frozenset[str],
@@ -185,13 +185,20 @@ def calls_after_marker_grammar(
     on (when it is one token of the vocabulary) the rest of its answer is calls in the template's format,
     to offered functions, with arguments matching their schemas: exactly for `strict` functions (as
     OpenAI guarantees), leniently for the others. Text before the marker is not constrained at all, so
-    it costs nothing. None where the format has no such marker (Llama 3's bare JSON object)."""
+    it costs nothing. Llama 3's calls have no marker: a call is the whole answer, so the constraint is
+    tentative there, taken up when the model's first written token begins a call. None where a marker
+    is not one token."""
+    rules = _call_rules(fmt, tools, "", frozenset(tools) - strict)
+    any_call = "call: " + " | ".join(f"call{i}" for i in range(len(rules)))
+    if fmt == "json":
+        tag = marker_ids.get(PYTHON_TAG)
+        lead = f"(<[{tag}]> | {_lark_string(PYTHON_TAG)})? " if tag is not None else ""
+        lines = [f"start: BLANK? {lead}call", r"BLANK: /[ \t\n]+/", any_call, *rules]
+        return StructuredOutput("lark", "\n".join(lines) + "\n", tentative=True)
     opener = {"hermes": HERMES_OPEN, "mistral": MISTRAL_MARK}.get(fmt)
     trigger = marker_ids.get(opener) if opener is not None else None
     if trigger is None:
         return None
-    rules = _call_rules(fmt, tools, "", frozenset(tools) - strict)
-    any_call = "call: " + " | ".join(f"call{i}" for i in range(len(rules)))
     if fmt == "hermes":
         close = marker_ids.get(HERMES_CLOSE)
         end = _lark_string(HERMES_CLOSE) if close is None else f"(<[{close}]> | {_lark_string(HERMES_CLOSE)})"
