@@ -228,3 +228,21 @@ def test_a_tentative_constraint_holds_only_once_the_model_begins_it(engine: LLME
         assert runs[f"f{seed}"][1] == runs[f"p{seed}"][1]
         seen.append(runs[f"f{seed}"][0])
     assert all(seen)
+
+
+def test_a_vocabulary_the_grammar_engine_cannot_read_is_tried_once_and_refused_by_name() -> None:
+    from cacheproxy.engine.grammar import GrammarCompiler
+
+    reads = []
+
+    def broken() -> str:
+        reads.append(1)
+        return '{"model": {"type": "NoSuchModel"}}'
+
+    compiler = GrammarCompiler(broken, 100, [0])
+    assert compiler.warm() is False
+    for _ in range(2):
+        with pytest.raises(EngineError, match="not available for this tokenizer") as err:
+            compiler.check(StructuredOutput("regex", "a+"))
+        assert err.value.code == "unsupported_value"
+    assert len(reads) == 1

@@ -56,7 +56,12 @@ class AsyncEngine:
         self._thread.start()
 
     def _build(self) -> LLMEngine:
-        return LLMEngine.from_settings(self.settings)
+        engine = LLMEngine.from_settings(self.settings)
+        # Before the server reports ready: offered tools are guided (tool_choice "auto"), so most agent
+        # requests need the grammar engine's view of the vocabulary.
+        if not engine.grammars.warm():
+            log.warning("structured outputs and tool-call guidance are unavailable for this tokenizer")
+        return engine
 
     async def shutdown(self) -> None:
         self._stop.set()
