@@ -144,3 +144,17 @@ def test_calls_the_model_opens_parse_as_calls_to_offered_tools(tokenizer: Tokeni
 def test_calls_whose_marker_is_not_one_token_are_not_guided(tokenizer: Tokenizer) -> None:
     assert auto_call_grammar("hermes", TOOLS, frozenset(TOOLS), {}) is None  # <tool_call> written as text
     assert auto_call_grammar("mistral", TOOLS, frozenset(TOOLS), {}) is None
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "json"])
+def test_function_names_that_need_escaping_in_json_come_back_as_they_were(tokenizer: Tokenizer, fmt: str) -> None:
+    odd = {'say "hi"\\now': TOOLS["say"], "naïve.tool": TOOLS["move"]}
+    for name in odd:
+        text = forced_call_prefix(fmt, name) + _walk(tokenizer, forced_call_grammar(fmt, odd, name), 0)  # type: ignore[arg-type]
+        _, calls = parse_tool_calls(text, fmt)
+        assert [c["function"]["name"] for c in calls] == [name], text
+    names = set()
+    for seed in range(8):
+        text = forced_call_prefix(fmt, None) + _walk(tokenizer, forced_call_grammar(fmt, odd, None), seed)  # type: ignore[arg-type]
+        names.update(c["function"]["name"] for c in parse_tool_calls(text, fmt)[1])
+    assert names == set(odd)

@@ -126,12 +126,17 @@ def forced_call_prefix(fmt: str, name: str | None) -> str:
     requires a call: the model continues it (with `name` given, from the arguments on)."""
     head = '{"name": "'
     if name is not None:  # Llama 3's calls name their arguments "parameters"
-        head += f'{name}", "{"parameters" if fmt == "json" else "arguments"}": '
+        head += f'{_in_json(name)}", "{"parameters" if fmt == "json" else "arguments"}": '
     if fmt == "hermes":
         return HERMES_OPEN + "\n" + head
     if fmt == "mistral":
         return MISTRAL_MARK + "[" + head
     return head
+
+
+def _in_json(name: str) -> str:
+    """`name` as it reads inside a JSON string (a function name is any string to us)."""
+    return json.dumps(name, ensure_ascii=False)[1:-1]
 
 
 def _arguments_schema(parameters: dict[str, Any] | None, lenient: bool = False) -> str:
@@ -154,7 +159,7 @@ def _call_rules(fmt: str, tools: dict[str, dict[str, Any] | None], head: str,
     key = "parameters" if fmt == "json" else "arguments"
     rules = []
     for i, (tool, params) in enumerate(tools.items()):
-        start = f'{{"name": "{tool}", "{key}": '
+        start = f'{{"name": "{_in_json(tool)}", "{key}": '
         assert start.startswith(head)
         lead = _lark_string(start[len(head) :]) + " " if len(start) > len(head) else ""
         rules.append(f'call{i}: {lead}%json{_arguments_schema(params, tool in lenient)} "}}"')
@@ -167,7 +172,7 @@ def forced_call_grammar(fmt: str, tools: dict[str, dict[str, Any] | None], name:
     object). With no name, the call may be to any of them."""
     key = "parameters" if fmt == "json" else "arguments"
     chosen = tools if name is None else {name: tools[name]}
-    head = '{"name": "' + ("" if name is None else f'{name}", "{key}": ')
+    head = '{"name": "' + ("" if name is None else f'{_in_json(name)}", "{key}": ')
     rules = _call_rules(fmt, chosen, head)
     alternatives = " | ".join(f"call{i}" for i in range(len(rules)))
     start = f'start: ({alternatives}) "]"' if fmt == "mistral" else f"start: {alternatives}"
