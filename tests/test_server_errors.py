@@ -55,6 +55,20 @@ def test_invalid_json_is_400(server: ServerProcess) -> None:
     assert_reply_error(server.request("POST", CHAT, deep), 400, "invalid_json")
 
 
+def test_an_unpaired_surrogate_is_400_and_a_paired_one_is_text(server: ServerProcess) -> None:
+    head = b'{"model": "%s", "max_tokens": 2, ' % SERVED_MODEL.encode()
+    for where in (b'"messages": [{"role": "user", "content": "a\\ud800b"}]',
+                  b'"messages": [{"role": "user", "content": "hi"}], "stop": ["\\uDC00"]',
+                  b'"messages": [{"role": "user", "content": "hi"}], "cache_salt": "\\udbff"'):
+        err = assert_reply_error(server.request("POST", CHAT, head + where + b"}"), 400, "invalid_json")
+        assert "surrogate" in err["message"]
+    paired = head + b'"messages": [{"role": "user", "content": "\\ud83d\\ude00 and \\\\ud800"}]}'
+    reply = server.request("POST", CHAT, paired)  # an emoji, and the text "\ud800" (its backslash escaped)
+    assert reply.status == 200, reply.json()
+    completion = server.request("POST", "/v1/completions", {"model": SERVED_MODEL, "prompt": "x\ud800", "max_tokens": 1})
+    assert_reply_error(completion, 400, "invalid_json")
+
+
 def test_a_seed_outside_int64_is_400_and_any_int64_seed_works(server: ServerProcess) -> None:
     body = {"model": SERVED_MODEL, "messages": HELLO, "max_tokens": 2, "temperature": 1.0}
     assert_reply_error(server.request("POST", CHAT, {**body, "seed": 2**80}), 400, "invalid_value", "seed")

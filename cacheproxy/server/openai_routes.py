@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -71,11 +72,38 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body is larger than {max_bytes} bytes", code="request_too_large") from None
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "the request body nests JSON too deeply", code="invalid_json") from None
+    # JSON may escape half of a UTF-16 pair (\ud800) on its own: Python reads it, but no text is made of
+    # it (the tokenizer, the chat template and the logs all fail on it). Walked only when the raw body
+    # has such an escape at all.
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        raise ApiError(400, "the request body has a string with an unpaired UTF-16 surrogate (\\ud800-\\udfff), "
+                            "which is not text", code="invalid_json")  # fmt: skip
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def check_model(requested: str, state: ServerState) -> None:
