@@ -94,6 +94,8 @@ def test_a_seed_outside_int64_is_400_and_any_int64_seed_works(server: ServerProc
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs=true
         ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
         ({"model": None}, "model"),
+        ({"chat_template_kwargs": {"messages": 5}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"self": 1, "enable_thinking": False}}, "chat_template_kwargs"),
     ],
 )
 def test_fields_of_wrong_type_or_range_are_400_naming_the_field(

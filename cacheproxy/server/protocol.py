@@ -206,6 +206,10 @@ class _SamplingFields(_Lenient):
         return found[0][1] if found else None
 
 
+# What the route passes the chat template itself (and the name of the method's own first argument).
+_TEMPLATE_ARGUMENTS = frozenset({"messages", "tools", "add_generation_prompt", "self"})
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: TokenCount | None = None
@@ -225,6 +229,11 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs to be true", code="invalid_value",
                            param="top_logprobs")
+        taken = sorted(set(self.chat_template_kwargs or {}) & _TEMPLATE_ARGUMENTS)
+        if taken:
+            raise ApiError(400, f"chat_template_kwargs may not set {', '.join(taken)}: the request itself gives "
+                                "the template its messages, tools and generation prompt",
+                           code="invalid_value", param="chat_template_kwargs")  # fmt: skip
         self.forced_tool()
 
     def forced_tool(self) -> tuple[bool, str | None]:
