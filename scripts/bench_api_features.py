@@ -1,8 +1,9 @@
 """What structured outputs and the Responses API cost against a running server, through the openai client.
 
 1. Decode: N concurrent chat requests of `--tokens` tokens each (ignore_eos), sampled at temperature 1:
-   without a seed, with a seed, and with a JSON schema (`response_format`; the schema may end a text
-   early): tokens/s and time per request.
+   without a seed, with a seed, with a JSON schema (`response_format`; the schema may end a text
+   early), with a strict tool offered (tool_choice "auto": free text until the model opens a call),
+   and with a call forced (tool_choice "required"; the call may end early): tokens/s and time per request.
 2. A Responses conversation of `--turns` turns chained by previous_response_id: TTFT (the first stream
    event, sent with the first token) and cached tokens per turn (all but each turn's new input is a hit).
 
@@ -29,6 +30,7 @@ SCHEMA = {
     },
     "required": ["title", "steps", "done"],
 }
+TOOL = {"type": "function", "function": {"name": "save_plan", "strict": True, "parameters": SCHEMA}}
 SYSTEM = "You are a careful planning assistant for a team of engineers. " * 40
 
 
@@ -43,6 +45,9 @@ async def _decode(client: openai.AsyncOpenAI, model: str, n: int, tokens: int, k
             kw["seed"] = i
         if kind == "json_schema":
             kw["response_format"] = {"type": "json_schema", "json_schema": {"name": "plan", "schema": SCHEMA}}
+        if kind in ("tools", "forced_call"):
+            kw["tools"] = [TOOL]
+            kw["tool_choice"] = "auto" if kind == "tools" else "required"
         r = await client.chat.completions.create(
             model=model, messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Plan {i}."}],
             max_tokens=tokens, temperature=1.0, extra_body=extra, **kw,
@@ -95,7 +100,7 @@ async def main() -> None:
     async with openai.AsyncOpenAI(base_url=args.url + "/v1", api_key="x", max_retries=0, timeout=600) as client:
         model = (await client.models.list()).data[0].id
         report: dict[str, Any] = {}
-        for name in ("unseeded", "seeded", "json_schema", "unseeded again"):
+        for name in ("unseeded", "seeded", "json_schema", "tools", "forced_call", "unseeded again"):
             report[name] = await _decode(client, model, args.concurrency, args.tokens, name.split()[0])
             print(f"{name:12s} {json.dumps(report[name])}", flush=True)
         report["responses_turns"] = await _conversation(client, model, args.turns)
