@@ -111,8 +111,9 @@ def start_server(args: list[str], data_dir: Path, env: dict[str, str] | None = N
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "server.log"
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "CACHEPROXY_CONFIG": str(data_dir / "none.toml"),
-                **(env or {})}
+    # the checkout first; what PYTHONPATH held stays after it (the GPU machine's carried wheels)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, "CACHEPROXY_CONFIG": str(data_dir / "none.toml"), **(env or {})}
     cmd = [sys.executable, "-m", "cacheproxy.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--data-dir", str(data_dir), "--device", "cpu", "--log-json", *args]
     with log_path.open("wb") as log_file:
