@@ -322,7 +322,7 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--limit", type=_positive_int, default=50)
     ls.add_argument("--json", action="store_true")
     pin = actions.add_parser("pin", help="keep a prefix in the GPU tier for a while")
-    pin.add_argument("hash", help="the prefix hash `cache ls` shows")
+    pin.add_argument("hash", help="the prefix hash `cache ls` shows (its first 6+ digits will do)")
     pin.add_argument("--ttl", type=_duration, default=3600.0, help="how long: 90s, 30m, 1h (default 1h)")
     unpin = actions.add_parser("unpin", help="release a pin")
     unpin.add_argument("hash")
@@ -349,6 +349,24 @@ def _ago(t: float | None, now: float) -> str:
     return f"{dt:.0f} s ago" if dt < 120 else f"{dt / 60:.0f} min ago" if dt < 7200 else f"{dt / 3600:.1f} h ago"
 
 
+SHORT_HASH = 12  # hex digits of a prefix hash `cache ls` shows in a narrow terminal
+_LISTED_AT_MOST = 10_000  # the most entries GET /admin/cache gives
+
+
+def _whole_hash(client: AdminClient, given: str) -> str:
+    """A hash as given, or the one listed prefix it is the start of (6 to 31 hex digits)."""
+    start = given.lower()
+    if not 6 <= len(start) < 32 or any(c not in "0123456789abcdef" for c in start):
+        return given  # whole, or not a hash at all: the server says which
+    listed = client.cache_entries(_LISTED_AT_MOST)["entries"]
+    matches = sorted({e["hash"] for e in listed if e["hash"].startswith(start)})
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise CommandFailed(f"no cached prefix `cache ls` lists starts with {given}")
+    raise CommandFailed(f"{given} starts {len(matches)} cached prefixes; give more of its digits")
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     action = args.cache_action
     if action == "warm":
@@ -359,29 +377,39 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(answer)
             return 0
+        from rich import box
         from rich.table import Table
 
         now = time.time()
+        console = _console()
+        # Whole hashes need ~100 columns; narrower, the first 12 digits (pin, unpin and evict take those).
+        shown = 32 if console.width >= 100 else SHORT_HASH
         table = Table(title=f"Cached prefixes at {client.base_url} (block size {answer['block_size']})",
-                      title_justify="left")
-        table.add_column("hash", no_wrap=True, min_width=32)  # whole: it is what pin and evict take
+                      title_justify="left", box=box.SIMPLE_HEAD)  # fmt: skip
+        table.add_column("hash", no_wrap=True, min_width=shown)
         for col in ("tokens", "blocks", "tier", "hits", "last use", "pinned", "in use"):
-            table.add_column(col, justify="left" if col == "tier" else "right")
+            table.add_column(col, justify="left" if col == "tier" else "right", no_wrap=True)
         for e in answer["entries"]:
             until = e.get("pinned_until")
-            table.add_row(e["hash"], f"{e['tokens']:,}", str(e["cached_blocks"]), str(e["tier"]), str(e["hits"]),
-                          _ago(e.get("last_use"), now), f"{until - now:.0f} s more" if until else "—",
-                          "yes" if e.get("in_use") else "")
+            table.add_row(e["hash"][:shown], f"{e['tokens']:,}", str(e["cached_blocks"]), str(e["tier"]),
+                          str(e["hits"]), _ago(e.get("last_use"), now), f"{until - now:.0f} s" if until else "—",
+                          "yes" if e.get("in_use") else "")  # fmt: skip
         if not answer["entries"]:
             table.caption = "nothing cached"
-        _console().print(table)
+        elif shown < 32:
+            table.caption = "hashes cut to fit; --json or a wider terminal shows them whole"
+        console.print(table)
     elif action == "pin":
-        answer = client.pin(args.hash, args.ttl)
-        print(f"pinned {args.hash}: {answer['pinned_blocks']} blocks for {args.ttl:g} s")
+        prefix = _whole_hash(client, args.hash)
+        answer = client.pin(prefix, args.ttl)
+        print(f"pinned {prefix}: {answer['pinned_blocks']} blocks for {args.ttl:g} s")
     elif action == "unpin":
-        answer = client.unpin(args.hash)
-        print(f"unpinned {args.hash}: {answer['unpinned_blocks']} blocks released")
+        prefix = _whole_hash(client, args.hash)
+        answer = client.unpin(prefix)
+        print(f"unpinned {prefix}: {answer['unpinned_blocks']} blocks released")
     else:
+        if not args.all:
+            args.hash = _whole_hash(client, args.hash)
         answer = client.evict(None if args.all else args.hash)
         removed = answer["removed"]
         what = "everything unused" if args.all else args.hash

@@ -119,7 +119,7 @@ def test_stats_watch_refreshes_until_the_count(srv: ServerProcess, capsys: pytes
 
 
 def test_cache_ls_shows_the_prompt_prefix_with_its_full_block_tokens(
-    srv: ServerProcess, capsys: pytest.CaptureFixture[str]
+    srv: ServerProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     complete(srv, ids(10, 70))  # 4 full blocks + 6 tokens, which are not cached
     entries = cli_json(capsys, "cache", "ls", *admin(srv), "--json")["entries"]
@@ -131,8 +131,13 @@ def test_cache_ls_shows_the_prompt_prefix_with_its_full_block_tokens(
     (again,) = cli_json(capsys, "cache", "ls", *admin(srv), "--json")["entries"]
     assert again["hash"] == e["hash"] and again["hits"] == e["hits"] + 1 and again["last_use"] > e["last_use"]
 
+    monkeypatch.setenv("COLUMNS", "120")
     code, table, _ = run_cli(capsys, "cache", "ls", *admin(srv))
     assert code == 0 and e["hash"] in table  # whole, so it can be pasted into pin / evict
+    monkeypatch.setenv("COLUMNS", "80")
+    code, table, _ = run_cli(capsys, "cache", "ls", *admin(srv))
+    assert code == 0 and e["hash"][:12] in table and e["hash"] not in table and "cut to fit" in table
+    assert max(len(line) for line in table.splitlines()) <= 80 and len(table.splitlines()) <= 8  # a row a line
 
 
 def test_a_pinned_prefix_survives_pool_pressure_that_evicts_an_unpinned_one(
@@ -151,8 +156,8 @@ def test_a_pinned_prefix_survives_pool_pressure_that_evicts_an_unpinned_one(
     listed = {e["hash"]: e for e in cli_json(capsys, "cache", "ls", *admin(srv), "--json")["entries"]}
     assert listed[entry["hash"]]["pinned_until"] is not None
 
-    code, out, _ = run_cli(capsys, "cache", "unpin", entry["hash"], *admin(srv))
-    assert code == 0 and "4 blocks" in out
+    code, out, _ = run_cli(capsys, "cache", "unpin", entry["hash"][:12], *admin(srv))  # as a narrow `ls` shows it
+    assert code == 0 and "4 blocks" in out and entry["hash"] in out
     listed = {e["hash"]: e for e in cli_json(capsys, "cache", "ls", *admin(srv), "--json")["entries"]}
     assert listed[entry["hash"]]["pinned_until"] is None
     for i in range(6):
@@ -242,6 +247,8 @@ def test_bad_operator_input_is_one_line_on_stderr(small_pool_server: ServerProce
     assert code == 1 and "32 hex digits" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "cache", "pin", "0" * 32, *admin(small_pool_server))
     assert code == 1 and "404" in err
+    code, _, err = run_cli(capsys, "cache", "evict", "0" * 12, *admin(small_pool_server))
+    assert code == 1 and "no cached prefix" in err and len(err.strip().splitlines()) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"nothing": 1}\n')
     code, _, err = run_cli(capsys, "cache", "warm", str(bad), *admin(small_pool_server), "--api-key", ALICE_KEY)
