@@ -459,15 +459,16 @@ def test_fused_projections_load_from_checkpoint_names_and_split_back(arch: str, 
     from safetensors.torch import save_file
 
     from cacheproxy.engine.model_config import ModelConfig, UnsupportedModel
+    from cacheproxy.engine.model_files import weight_files
     from cacheproxy.engine.tiny_model import make_tiny_model
-    from cacheproxy.engine.weights import build_model, checkpoint_state_dict, load_weights, safetensors_files
+    from cacheproxy.engine.weights import build_model, checkpoint_state_dict, load_weights
 
     path = make_tiny_model(tmp_path / arch, arch, seed=3, shards=3)
     cfg = ModelConfig.from_path(path)
     model = build_model(cfg, torch.device("cpu"), torch.float32)
     load_weights(model, path)
     files: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(path):
+    for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             files.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
     split = checkpoint_state_dict(model)
@@ -483,7 +484,7 @@ def test_fused_projections_load_from_checkpoint_names_and_split_back(arch: str, 
 
     # Drop one layer's k_proj from its shard: the error names it.
     dropped = "model.layers.1.self_attn.k_proj.weight"
-    for file in safetensors_files(path):
+    for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             if dropped in f.keys():  # noqa: SIM118
                 kept = {n: f.get_tensor(n) for n in f.keys() if n != dropped}  # noqa: SIM118

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cacheproxy.engine.model_files import (
     ModelNotFound,
     model_fingerprint,
     resolve_model,
     tiny_model_path,
+    weight_files,
+    weight_patterns,
 )
 from cacheproxy.engine.tiny_model import ARCHITECTURES, make_tiny_model
 from cacheproxy.engine.tokenizer import Tokenizer
@@ -283,3 +285,35 @@ def test_fingerprint_is_stable_and_tracks_config_and_weights(tmp_path: Path) -> 
     assert model_fingerprint(other_shape) != model_fingerprint(a)
     sharded = make_tiny_model(tmp_path / "d", seed=1, shards=2)
     assert model_fingerprint(sharded) != model_fingerprint(a)
+
+
+def _repo_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_only_the_weights_the_engine_reads_are_fetched_and_loaded(tmp_path: Path, shards: int) -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    from cacheproxy.config import Settings
+    from cacheproxy.engine.engine import LLMEngine
+
+    folder = make_tiny_model(tmp_path / "m", "mistral", seed=3, init_std=0.15, shards=shards)
+    want = sorted(str(p.relative_to(folder)) for p in folder.glob("*.safetensors"))
+    # As Mistral's repositories hold them: the weights again in Mistral's own format, and a subfolder.
+    save_file({"layers.0.attention.wq.weight": torch.ones(2, 2)}, str(folder / "consolidated.safetensors"))
+    (folder / "original").mkdir()
+    save_file({"x": torch.ones(1)}, str(folder / "original" / "model.safetensors"))
+    allow, ignore = weight_patterns(folder)
+    # the hub client's own filter, on the repository's file list
+    fetched = sorted(filter_repo_objects(_repo_files(folder), allow_patterns=allow, ignore_patterns=ignore))
+    assert fetched == want
+    assert [str(p.relative_to(folder)) for p in weight_files(folder)] == want
+    engine = LLMEngine.from_settings(Settings(model=str(folder), data_dir=tmp_path / "d", num_kv_blocks=64,
+                                              cpu_cache_bytes=0, disk_cache_enabled=False))  # fmt: skip
+    ids = list(range(5, 40))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(engine.score(ids), ref, atol=2e-4, rtol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -16,11 +17,10 @@ from cacheproxy.log import get_logger
 log = get_logger(__name__)
 
 TINY_MODEL_NAME = "tiny-llama"
-# What the engine reads; no *.bin/*.pt/*.gguf (we load safetensors only) nor README/images.
+# What the engine reads besides the weights; no *.bin/*.pt/*.gguf (we load safetensors only) nor README/images.
 HUB_PATTERNS = [
     "config.json",
     "generation_config.json",
-    "*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -95,6 +95,8 @@ def _download(repo_id: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+        allow, ignore = weight_patterns(Path(path))
+        path = snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=ignore)
     except HfHubHTTPError as e:
         raise ModelNotFound(
             f"could not download {repo_id!r} from the Hugging Face hub: {e}. Check the id, and set HF_TOKEN "
@@ -121,6 +123,37 @@ def _download(repo_id: str) -> Path:
     return folder
 
 
+def _indexed_weight_files(folder: Path) -> list[str] | None:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values())) or None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def weight_patterns(folder: Path) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns of the weight files to fetch, given the folder of the other files: those
+    the index names, or else the top folder's *.safetensors. Either way not Mistral's own-format copy
+    (`consolidated.safetensors`, as large again as the weights themselves) nor a subfolder's files
+    (`original/`)."""
+    names = _indexed_weight_files(folder)
+    if names:
+        return names, []
+    return ["*.safetensors"], ["*/*", "consolidated*.safetensors"]
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files holding a model folder's weights: those its index names, or else every one
+    at its top but Mistral's own-format copy."""
+    names = _indexed_weight_files(path)
+    if names:
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    return [f for f in files if not f.name.startswith("consolidated")] or files
+
+
 def model_fingerprint(path: Path) -> bytes:
     """A digest that names the model for the prefix cache: config.json's bytes and the names and sizes of
     its safetensors files. Equal on every machine holding the same files; reading the weights whole
@@ -129,6 +162,6 @@ def model_fingerprint(path: Path) -> bytes:
     h = hashlib.sha256()
     h.update(b"config.json\0")
     h.update((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
+    for f in weight_files(path):
         h.update(f"\0{f.name}\0{f.stat().st_size}".encode())
     return h.digest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,15 +9,8 @@ from safetensors import safe_open
 
 from cacheproxy.engine.model import CausalLM, fused_projections
 from cacheproxy.engine.model_config import ModelConfig, UnsupportedModel
+from cacheproxy.engine.model_files import weight_files
 from cacheproxy.engine.rotary import RotaryEmbedding
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
-    return sorted(path.glob("*.safetensors"))
 
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
@@ -63,7 +55,7 @@ def checkpoint_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: CausalLM, path: Path) -> None:
-    files = safetensors_files(path)
+    files = weight_files(path)
     if not files:
         raise UnsupportedModel(f"{path} holds no *.safetensors weights")
     params = dict(model.named_parameters(remove_duplicate=False))
