@@ -169,3 +169,29 @@ def test_a_structured_answer_is_the_content_even_after_a_prompt_that_opens_the_b
     )  # fmt: skip
     assert json.loads(r.choices[0].message.content or "") in ({"ok": True}, {"ok": False})
     assert not (r.choices[0].message.model_extra or {}).get("reasoning_content")
+
+
+def test_tools_offered_leave_a_block_the_prompt_opened_to_the_reasoning(
+    reasoner: Path, tmp_path: Path, tokenizer: Any
+) -> None:
+    # Calls written as bare JSON (no markers in the template): their guidance waits for the answer to
+    # begin a call, so the text of a block the prompt opened is still reasoning.
+    folder = tmp_path / "bare-reasoner"
+    shutil.copytree(reasoner, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = config["chat_template"].replace("</tool_call>", "").replace("<tool_call>", "")
+    config_path.write_text(json.dumps(config))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    braces = {str(t): -100 for t in range(tokenizer.vocab_size) if tokenizer.decode([t]).lstrip().startswith("{")}
+    srv = start_server(["--model", str(folder), "--served-model-name", "reasoner"], tmp_path / "data")
+    try:
+        r = _client(srv).chat.completions.create(
+            model="reasoner", messages=[{"role": "user", "content": "Go."}], tools=[tool], max_tokens=12,  # type: ignore[list-item]
+            temperature=0, logit_bias=braces,
+            extra_body={"cache_salt": uuid.uuid4().hex, "chat_template_kwargs": {"open_think": True}},
+        )  # fmt: skip
+    finally:
+        stop_server(srv)
+    message = r.choices[0].message
+    assert (message.model_extra or {}).get("reasoning_content") and not message.content, message

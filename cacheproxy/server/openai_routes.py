@@ -575,7 +575,8 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
         structured = await _structured(state, req, "response_format" if resp_req is None else "text.format")
-        shaped_from_start = structured is not None and structured.after_token is None
+        # (a lazy constraint, for calls the model may make, leaves the answer's start alone)
+        shaped_from_start = structured is not None and structured.after_token is None and not structured.tentative
         if shaped_from_start and structured.kind in ("json_schema", "choice", "lark"):  # type: ignore[union-attr]
             for prompt in prompts:
                 # a JSON, choice or tool-call constraint shapes the answer from its first token, even
