@@ -445,6 +445,24 @@ def test_rope_parameters_of_transformers_5_configs_are_read(tmp_path: Path, mode
 
 
 @pytest.mark.parametrize(
+    "scaling",
+    [{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},  # Qwen3's long-context switch
+     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2,
+      "mscale": 0.707, "mscale_all_dim": 1.0, "truncate": False}],
+)  # fmt: skip
+def test_yarn_rope_scaling_matches_transformers(tmp_path: Path, models: dict[str, Path], scaling: dict) -> None:  # type: ignore[type-arg]
+    # original lengths far below the prompt's, so interpolated, ramped and kept dimensions all take part
+    folder = _rewritten_config(models["qwen3"], tmp_path / "yarn", lambda cfg: cfg.update({"rope_scaling": scaling}))
+    engine = _engine(folder, tmp_path / "d")
+    ids = _prompts(8, [120], engine.config.vocab_size)[0]
+    got = engine.score(ids)
+    assert not torch.allclose(got, _engine(models["qwen3"], tmp_path / "d0").score(ids), atol=1e-3)
+    with torch.no_grad():
+        ref = _hf(folder)(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
     ("key", "value", "named"),
     [("hidden_act", "gelu", "hidden_act"), ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
      ("rope_parameters", {"full_attention": {"rope_theta": 1e4}}, "rope_parameters"),

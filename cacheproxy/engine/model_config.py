@@ -99,8 +99,10 @@ class ModelConfig:
         rope_theta, rope_scaling = _rope(cfg)
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if kind not in ("default", "linear", "llama3"):
-                raise UnsupportedModel(f"unsupported rope_scaling type {kind!r} (have: default, linear, llama3)")
+            if kind not in ("default", "linear", "llama3", "yarn"):
+                raise UnsupportedModel(f"unsupported rope_scaling type {kind!r} (have: default, linear, llama3, yarn)")
+            if kind == "yarn" and "original_max_position_embeddings" not in rope_scaling:
+                raise UnsupportedModel("yarn rope_scaling needs original_max_position_embeddings")
         sliding = cfg.get("sliding_window")
         if arch != "MistralForCausalLM" and not cfg.get("use_sliding_window", False):
             sliding = None

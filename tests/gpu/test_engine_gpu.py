@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -18,7 +19,9 @@ transformers = pytest.importorskip("transformers")
 
 # "qwen2-q14kv2": Qwen2.5-0.5B's heads (14 query heads on 2 KV heads, a group of 7; tied embeddings).
 # "llama-biases": every bias Llama's config can switch on (q/k/v/o, gate/up/down).
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "llama-tied", "qwen2-q14kv2", "llama-biases"]
+# "qwen3-yarn": YaRN rope scaling from an original context far below the prompts' lengths.
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "llama-tied", "qwen2-q14kv2", "llama-biases", "qwen3-yarn"]
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 # A wider model than the CPU tests' so the kernels see real head_dim and GQA shapes.
 SHAPE = {"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
          "intermediate_size": 1024, "num_hidden_layers": 3}  # fmt: skip
@@ -37,6 +40,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             extra = {"hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2, "head_dim": 64,
                      "tie_word_embeddings": True}  # fmt: skip
         out[arch] = make_tiny_model(root / arch, base, seed=11, init_std=0.05, **{**SHAPE, **extra})
+        if variant == "yarn":
+            cfg = json.loads((out[arch] / "config.json").read_text())
+            (out[arch] / "config.json").write_text(json.dumps({**cfg, "rope_scaling": YARN}))
     return out
 
 
