@@ -19,7 +19,7 @@ from cacheproxy.engine.tiny_model import make_tiny_model
 transformers = pytest.importorskip("transformers")
 
 # "-biases": the config switches on every bias the family has (Llama: q/k/v/o and gate/up/down; Qwen3: q/k/v/o).
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "llama-tied", "llama-biases", "qwen3-biases"]
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "llama-tied", "llama-biases", "qwen3-biases"]
 
 
 def _make(root: Path, arch: str) -> Path:
@@ -465,6 +465,7 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path: Path, models: dict[str
 @pytest.mark.parametrize(
     ("key", "value", "named"),
     [("hidden_act", "gelu", "hidden_act"), ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
+     ("rope_scaling", {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}, "longrope"),
      ("rope_parameters", {"full_attention": {"rope_theta": 1e4}}, "rope_parameters"),
      ("num_key_value_heads", 3, "not a multiple of num_key_value_heads 3")],
 )  # fmt: skip

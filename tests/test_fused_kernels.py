@@ -451,7 +451,7 @@ def test_ops_reject_bad_arguments_naming_the_culprit(call, message: str) -> None
         call(triton_fused)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", "phi3"])
 def test_fused_projections_load_from_checkpoint_names_and_split_back(arch: str, tmp_path: Path) -> None:
     """q/k/v (with Qwen2's biases) and gate/up of a sharded checkpoint land in their rows of the fused
     projections, split back to the very tensors of the files, and a missing one is named."""
@@ -476,14 +476,13 @@ def test_fused_projections_load_from_checkpoint_names_and_split_back(arch: str, 
     for name, tensor in files.items():
         assert torch.equal(split[name], tensor.float()), name
     qkv = model.model.layers[1].self_attn.qkv_proj.weight
-    q_rows = cfg.num_attention_heads * cfg.head_dim
-    assert torch.equal(
-        qkv[q_rows : q_rows + cfg.num_key_value_heads * cfg.head_dim],
-        files["model.layers.1.self_attn.k_proj.weight"].float(),
-    )
+    q_rows, kv_rows = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    # Phi-3's files hold q/k/v as one matrix already: k is its rows after q's
+    dropped = "model.layers.1.self_attn." + ("qkv_proj.weight" if arch == "phi3" else "k_proj.weight")
+    k_in_file = files[dropped][q_rows : q_rows + kv_rows] if arch == "phi3" else files[dropped]
+    assert torch.equal(qkv[q_rows : q_rows + kv_rows], k_in_file.float())
 
-    # Drop one layer's k_proj from its shard: the error names it.
-    dropped = "model.layers.1.self_attn.k_proj.weight"
+    # Drop one layer's k_proj (Phi-3: qkv_proj) from its shard: the error names it.
     for file in weight_files(path):
         with safe_open(str(file), framework="pt") as f:
             if dropped in f.keys():  # noqa: SIM118

@@ -98,8 +98,12 @@ def test_parameter_names_are_hugging_faces(models: dict[str, Path], arch: str) -
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        expected |= {p + f"self_attn.{x}_proj.weight" for x in "qkvo"}
-        expected |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
+        if arch == "phi3":  # stored fused, as Phi-3's checkpoints hold them
+            expected |= {p + "self_attn.qkv_proj.weight", p + "self_attn.o_proj.weight"}
+            expected |= {p + "mlp.gate_up_proj.weight", p + "mlp.down_proj.weight"}
+        else:
+            expected |= {p + f"self_attn.{x}_proj.weight" for x in "qkvo"}
+            expected |= {p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
         expected |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
         if arch == "qwen2":
             expected |= {p + f"self_attn.{x}_proj.bias" for x in "qkv"}

@@ -27,6 +27,11 @@ def fused_projections(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
         cfg.num_key_value_heads * cfg.head_dim,
         cfg.intermediate_size,
     )
+    if cfg.architecture == "Phi3ForCausalLM":  # its checkpoints hold them fused already, in our order
+        return {
+            "self_attn.qkv_proj": ("self_attn.qkv_proj", 0, q + 2 * kv),
+            "mlp.gate_up_proj": ("mlp.gate_up_proj", 0, 2 * inter),
+        }
     return {
         "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
         "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),

@@ -15,6 +15,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
+    "Phi3ForCausalLM": (False, False),  # Phi-3 and Phi-4: the Llama layer, q/k/v and gate/up stored fused
 }
 # Which biases config.json can switch on, as transformers builds each family: Llama's attention_bias
 # covers q/k/v and o_proj and its mlp_bias gate/up/down; Qwen3's attention_bias q/k/v and o_proj;
@@ -24,6 +25,7 @@ _SWITCHED_BIASES: dict[str, tuple[bool, bool]] = {  # (attention_bias read, mlp_
     "MistralForCausalLM": (False, False),
     "Qwen2ForCausalLM": (False, False),
     "Qwen3ForCausalLM": (True, False),
+    "Phi3ForCausalLM": (False, False),
 }
 
 
@@ -104,7 +106,7 @@ class ModelConfig:
             if kind == "yarn" and "original_max_position_embeddings" not in rope_scaling:
                 raise UnsupportedModel("yarn rope_scaling needs original_max_position_embeddings")
         sliding = cfg.get("sliding_window")
-        if arch != "MistralForCausalLM" and not cfg.get("use_sliding_window", False):
+        if arch not in ("MistralForCausalLM", "Phi3ForCausalLM") and not cfg.get("use_sliding_window", False):
             sliding = None
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])

@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
 }
 
 BOS_TOKEN = "<s>"
@@ -284,8 +285,10 @@ def _model_config(arch: str, tok: Tokenizer, p: dict[str, Any]) -> dict[str, Any
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 1024,
         }
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         cfg["sliding_window"] = None
+    if model_type == "phi3":
+        cfg.update(original_max_position_embeddings=p["max_position_embeddings"], resid_pdrop=0.0, embd_pdrop=0.0)
     if model_type in ("qwen2", "qwen3"):
         cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=p["num_hidden_layers"])
     if model_type == "qwen3":
@@ -330,6 +333,11 @@ def _random_weights(arch: str, cfg: dict[str, Any], seed: int, std: float) -> di
     w["model.norm.weight"] = torch.ones(h)
     if not cfg["tie_word_embeddings"]:
         w["lm_head.weight"] = normal(vocab, h)
+    if arch == "phi3":  # Phi-3 stores q/k/v as one matrix and gate/up as another
+        for i in range(cfg["num_hidden_layers"]):
+            pre = f"model.layers.{i}."
+            w[pre + "self_attn.qkv_proj.weight"] = torch.cat([w.pop(pre + f"self_attn.{x}_proj.weight") for x in "qkv"])
+            w[pre + "mlp.gate_up_proj.weight"] = torch.cat([w.pop(pre + f"mlp.{x}_proj.weight") for x in ("gate", "up")])
     return w
 
 
