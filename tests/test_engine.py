@@ -18,15 +18,17 @@ from cacheproxy.engine.tiny_model import make_tiny_model
 
 transformers = pytest.importorskip("transformers")
 
-# "-biases": the config switches on every bias the family has (Llama: q/k/v/o and gate/up/down; Qwen3: q/k/v/o).
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "llama-tied", "llama-biases", "qwen3-biases"]
+# "-biases": the config switches on every bias the family has (Llama, Granite: q/k/v/o and gate/up/down; Qwen3:
+# q/k/v/o). Granite's multipliers are all set (none is 1), biases and a tied head included.
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "granite", "llama-tied", "granite-tied", "llama-biases",
+         "qwen3-biases", "granite-biases"]
 
 
 def _make(root: Path, arch: str) -> Path:
     base, _, variant = arch.partition("-")
     extra: dict[str, object] = {"tie_word_embeddings": True} if variant == "tied" else {}
     if variant == "biases":
-        extra = {"attention_bias": True, "mlp_bias": base == "llama"}
+        extra = {"attention_bias": True, "mlp_bias": base in ("llama", "granite")}
     # A larger init than a real model's keeps the logits peaked, so greedy choices are not near-ties.
     return make_tiny_model(root / arch, base, seed=7, init_std=0.15, **extra)
 

@@ -63,7 +63,7 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else self.head_dim**-0.5
         h, d = cfg.hidden_size, cfg.head_dim
         # q, k and v rows of one matrix (one GEMM); `fused_projections` says where each one's rows are.
         self.qkv_proj = nn.Linear(h, (self.num_heads + 2 * self.num_kv_heads) * d, bias=cfg.attention_bias)

@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "Qwen2ForCausalLM": (True, False),
     "Qwen3ForCausalLM": (False, True),
     "Phi3ForCausalLM": (False, False),  # Phi-3 and Phi-4: the Llama layer, q/k/v and gate/up stored fused
+    "GraniteForCausalLM": (False, False),  # IBM Granite 3: the Llama layer with four scalar multipliers
 }
 # Which biases config.json can switch on, as transformers builds each family: Llama's attention_bias
 # covers q/k/v and o_proj and its mlp_bias gate/up/down; Qwen3's attention_bias q/k/v and o_proj;
@@ -26,6 +27,7 @@ _SWITCHED_BIASES: dict[str, tuple[bool, bool]] = {  # (attention_bias read, mlp_
     "Qwen2ForCausalLM": (False, False),
     "Qwen3ForCausalLM": (True, False),
     "Phi3ForCausalLM": (False, False),
+    "GraniteForCausalLM": (True, True),
 }
 
 
@@ -45,6 +47,15 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if factor is not None and float(factor) != 1.0:
         raise UnsupportedModel(f"unsupported partial_rotary_factor {factor} (the Llama family turns every dimension)")
     return theta, scaling
+
+
+def _granite_multipliers(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    if arch != "GraniteForCausalLM":
+        return {}
+    return {"embedding_multiplier": float(cfg.get("embedding_multiplier", 1.0)),
+            "residual_multiplier": float(cfg.get("residual_multiplier", 1.0)),
+            "attention_multiplier": float(cfg.get("attention_multiplier", 1.0)),
+            "logits_scaling": float(cfg.get("logits_scaling", 1.0))}  # fmt: skip
 
 
 class UnsupportedModel(EngineError):
@@ -75,6 +86,13 @@ class ModelConfig:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     bos_token_id: int | None = None
+    # Granite's: the embeddings are multiplied by the first, each block's output by the second before it
+    # joins the residual, attention scores by the third (instead of head_dim ** -0.5), and the logits
+    # divided by the fourth. 1 (None: the usual scale) for every other family.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -132,6 +150,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             o_proj_bias=switched,
             mlp_bias=mlp_bias,
+            **_granite_multipliers(cfg, arch),
         )
 
     @classmethod

@@ -35,6 +35,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
+    "granite": ("GraniteForCausalLM", "granite"),
 }
 
 BOS_TOKEN = "<s>"
@@ -273,10 +274,15 @@ def _model_config(arch: str, tok: Tokenizer, p: dict[str, Any]) -> dict[str, Any
         "pad_token_id": tok.token_to_id(PAD_TOKEN),
         "torch_dtype": p["dtype"],
     }
-    if (p["attention_bias"] and model_type not in ("llama", "qwen3")) or (p["mlp_bias"] and model_type != "llama"):
+    if (p["attention_bias"] and model_type not in ("llama", "qwen3", "granite")) or (
+        p["mlp_bias"] and model_type not in ("llama", "granite")
+    ):
         raise ValueError(f"{model_type} has no switch for these biases")
-    if model_type == "llama":
+    if model_type in ("llama", "granite"):
         cfg.update(attention_bias=bool(p["attention_bias"]), mlp_bias=bool(p["mlp_bias"]), pretraining_tp=1)
+    if model_type == "granite":  # Granite 3's kind of values, none of them 1
+        cfg.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125 * 8,
+                   logits_scaling=8.0)  # fmt: skip
     if arch == "llama3":
         cfg["rope_scaling"] = {
             "rope_type": "llama3",

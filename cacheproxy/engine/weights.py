@@ -101,6 +101,27 @@ def load_weights(model: CausalLM, path: Path) -> None:
     missing = sorted(set(layout) - loaded)
     if missing:
         raise UnsupportedModel(f"weights missing from {path}: {', '.join(missing[:8])}")
+    fold_multipliers(model)
+
+
+@torch.no_grad()
+def fold_multipliers(model: CausalLM) -> None:
+    """Granite's scalar multipliers, folded into the weights once (the forward pass is Llama's): the
+    embedding's into the embedding, the residual's into each block's last projection, the logits'
+    divisor into the final norm (with the embedding's undone there when the head is the embedding)."""
+    cfg = model.config
+    if (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling) == (1.0, 1.0, 1.0):
+        return
+    embedding = model.model.embed_tokens.weight
+    embedding.mul_(cfg.embedding_multiplier)
+    for layer in model.model.layers:
+        for last in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            last.weight.mul_(cfg.residual_multiplier)
+            if last.bias is not None:
+                last.bias.mul_(cfg.residual_multiplier)
+    head_is_embedding = model.lm_head.weight.data_ptr() == embedding.data_ptr()
+    divisor = cfg.logits_scaling * (cfg.embedding_multiplier if head_is_embedding else 1.0)
+    model.model.norm.weight.div_(divisor)
 
 
 def init_random_weights(model: CausalLM, seed: int = 0, std: float = 0.02) -> None:

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 # "qwen2-q14kv2": Qwen2.5-0.5B's heads (14 query heads on 2 KV heads, a group of 7; tied embeddings).
 # "llama-biases": every bias Llama's config can switch on (q/k/v/o, gate/up/down).
 # "qwen3-yarn": YaRN rope scaling from an original context far below the prompts' lengths.
-ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "llama-tied", "qwen2-q14kv2", "llama-biases",
+ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "phi3", "granite", "llama-tied", "qwen2-q14kv2", "llama-biases",
          "qwen3-yarn"]
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 # A wider model than the CPU tests' so the kernels see real head_dim and GQA shapes.
