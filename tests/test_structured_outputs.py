@@ -246,3 +246,13 @@ def test_a_vocabulary_the_grammar_engine_cannot_read_is_tried_once_and_refused_b
             compiler.check(StructuredOutput("regex", "a+"))
         assert err.value.code == "unsupported_value"
     assert len(reads) == 1
+
+
+def test_a_compiled_constraint_is_shared_within_its_scope_only(engine: LLMEngine) -> None:
+    # the route scopes a request's constraint by its prefix-cache namespace: a tenant's first request with
+    # a schema pays the compile whatever other tenants sent, so its time tells nothing about them
+    schema = json.dumps({"type": "object", "properties": {"scoped": {"type": "integer"}}})
+    mine, theirs = (StructuredOutput("json_schema", schema, scope=s) for s in ("tenant-a", "tenant-b"))
+    engine.check_structured(mine)
+    assert engine.structured_compiled(mine) and not engine.structured_compiled(theirs)
+    assert engine.structured_compiled(StructuredOutput("json_schema", schema, scope="tenant-a"))

@@ -35,6 +35,10 @@ class StructuredOutput:
     # free (Llama 3's calls, a bare JSON object that is the whole answer).
     after_token: int | None = None
     tentative: bool = False
+    # Whose compiled copy this is (the request's prefix-cache namespace): requests share a compiled
+    # constraint only within one, as they share cached prefixes, since how long compiling took would
+    # tell one tenant what another asked for. Not part of the grammar.
+    scope: str = ""
 
 
 @dataclass(slots=True)

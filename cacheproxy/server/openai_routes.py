@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -450,11 +451,12 @@ def _logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab: int) -> d
     return bias
 
 
-async def _structured(state: ServerState, req: ChatCompletionRequest | CompletionRequest,
+async def _structured(state: ServerState, req: ChatCompletionRequest | CompletionRequest, scope: str,
                       format_param: str = "response_format") -> StructuredOutput | None:
     """The request's constraint on its text, compiled once here so that a bad one is a 400 naming it.
     A forced tool call is constrained to the function's parameters; a JSON response format next to
-    tools the model may call lets it answer either way."""
+    tools the model may call lets it answer either way. `scope`: the request's prefix-cache namespace,
+    which its compiled constraint is kept under too."""
     structured, param = req.structured_output(), format_param
     if isinstance(req, ChatCompletionRequest) and req.tools and req.tool_choice != "none":
         tok = state.engine.tokenizer
@@ -471,6 +473,7 @@ async def _structured(state: ServerState, req: ChatCompletionRequest | Completio
             strict = frozenset(t.function.name for t in req.tools if t.function.strict)
             structured, param = auto_call_grammar(fmt, tools, strict, markers, parallel), "tools"
             if structured is not None:
+                structured = dataclasses.replace(structured, scope=scope)
                 try:
                     await state.engine.check_structured(structured)
                 except EngineError as exc:
@@ -482,6 +485,7 @@ async def _structured(state: ServerState, req: ChatCompletionRequest | Completio
                     return None
     if structured is None:
         return None
+    structured = dataclasses.replace(structured, scope=scope)
     try:
         await state.engine.check_structured(structured)
     except EngineError as exc:
@@ -574,7 +578,8 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         jobs: list[Job] = []
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
-        structured = await _structured(state, req, "response_format" if resp_req is None else "text.format")
+        salt = cache_salt(record.tenant, req.cache_salt, state.settings)
+        structured = await _structured(state, req, salt, "response_format" if resp_req is None else "text.format")
         # (a lazy constraint, for calls the model may make, leaves the answer's start alone)
         shaped_from_start = structured is not None and structured.after_token is None and not structured.tentative
         if shaped_from_start and structured.kind in ("json_schema", "choice", "lark"):  # type: ignore[union-attr]
@@ -587,8 +592,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
             for k in range(req.n):
                 jobs.append(Job(p_idx * req.n + k, p_idx, prompt, _sampling(req, max_tokens, logprobs_k, k, defaults, bias, structured)))
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        run = GenerationRun(request, state, record, shape, jobs,
-                            cache_salt(record.tenant, req.cache_salt, state.settings), arrival,
+        run = GenerationRun(request, state, record, shape, jobs, salt, arrival,
                             req.stream, include_usage, logprobs_k is not None)
         response = await run.respond()
         if record.status == 0:
