@@ -116,6 +116,12 @@ class Settings(BaseSettings):
         "0: none kept.",
     )  # fmt: skip
 
+    tokenized_prompts_bytes: int = Field(
+        default=128 << 20, ge=0,
+        description="Memory for recent chat prompts' token ids (per cache namespace): a prompt that extends "
+        "one is tokenized only from where they part. 0: every prompt tokenized whole.",
+    )  # fmt: skip
+
     # --- router (`cacheproxy route`) ------------------------------------------------------------
     router_backends: list[str] = Field(default_factory=list, description="Replica base URLs.")
     router_policy: Literal["affinity", "round_robin"] = "affinity"

@@ -233,6 +233,17 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, the character where each token starts) of text with nothing added (a rendered chat)."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, [start for start, _ in enc.offsets]
+
+    def boundary_tokens(self) -> dict[str, int]:
+        """Added tokens matched as written with no whitespace taken from before them (text -> id): the
+        tokenizer splits text at them before anything else, so no token spans one's start."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
+                if t.content and not t.lstrip and not t.normalized and not t.single_word}  # fmt: skip
+
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 

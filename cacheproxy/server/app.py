@@ -22,6 +22,7 @@ from cacheproxy.engine.request import EngineError
 from cacheproxy.log import get_logger
 from cacheproxy.server import admin_routes, openai_routes
 from cacheproxy.server.errors import ApiError, Handler, error_middleware
+from cacheproxy.server.prompt_encoder import PromptEncoder
 from cacheproxy.server.state import REQUEST_ID, STATE, ServerState
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ async def _start_engine(state: ServerState) -> None:
         else:
             log.exception("engine_start_failed")
         raise
+    state.prompt_encoder = await state.run_blocking(
+        PromptEncoder, state.engine.tokenizer, state.settings.tokenized_prompts_bytes
+    )
     _freeze_startup_objects()
     log.info("engine_ready", model=state.engine.model_name, max_model_len=state.engine.max_model_len)
 

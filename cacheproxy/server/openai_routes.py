@@ -132,9 +132,9 @@ class PromptInput:
     opens_reasoning: bool = False  # the prompt ends inside a <think> block (DeepSeek-R1's template)
 
 
-def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> PromptInput:
+def _chat_prompt(state: ServerState, req: ChatCompletionRequest, scope: str) -> PromptInput:
     """Runs in the executor: chat template (tools included, so they are part of the cached prefix),
-    then tokenization."""
+    then tokenization (from where it parts from a recent prompt of the same cache namespace)."""
     tok = state.engine.tokenizer
     messages = [m.template_dict() for m in req.messages]
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
@@ -146,8 +146,9 @@ def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> PromptInput:
     forced, name = req.forced_tool()
     prefix = forced_call_prefix(tool_call_format(tok.chat_template), name) if forced and req.add_generation_prompt else ""
     # The template writes BOS itself; adding special tokens again would double it.
-    return PromptInput(tok.encode(text + prefix, add_special_tokens=False), answer_prefix=prefix,
-                       opens_reasoning=prompt_opens_reasoning(text + prefix))
+    encoder = state.prompt_encoder
+    ids = encoder.encode(text + prefix, scope) if encoder is not None else tok.encode(text + prefix, add_special_tokens=False)
+    return PromptInput(ids, answer_prefix=prefix, opens_reasoning=prompt_opens_reasoning(text + prefix))
 
 
 def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[PromptInput]:
@@ -549,9 +550,10 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         record.model, record.stream, record.n = req.model, req.stream, req.n
         record.prompt_cache_key = req.prompt_cache_key
         check_model(req.model, state)
+        salt = cache_salt(record.tenant, req.cache_salt, state.settings)
 
         if isinstance(req, ChatCompletionRequest):
-            prompts = [await state.run_blocking(_chat_prompt, state, req)]
+            prompts = [await state.run_blocking(_chat_prompt, state, req, salt)]
             logprobs_k = req.logprobs_k()
             param = "messages" if resp_req is None else "input"
             tool_format = None
@@ -578,7 +580,6 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         jobs: list[Job] = []
         defaults = state.engine.tokenizer.generation_defaults if state.settings.sampling_defaults == "model" else {}
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
-        salt = cache_salt(record.tenant, req.cache_salt, state.settings)
         structured = await _structured(state, req, salt, "response_format" if resp_req is None else "text.format")
         # (a lazy constraint, for calls the model may make, leaves the answer's start alone)
         shaped_from_start = structured is not None and structured.after_token is None and not structured.tentative

@@ -19,6 +19,7 @@ from cacheproxy.server.response_store import ResponseStore
 
 if TYPE_CHECKING:
     from cacheproxy.engine.async_engine import AsyncEngine
+    from cacheproxy.server.prompt_encoder import PromptEncoder
 
 T = TypeVar("T")
 
@@ -40,6 +41,7 @@ class ServerState:
         self.engine_start_error: BaseException | None = None
         self.started_at = time.time()
         self.responses = ResponseStore(settings.responses_store_bytes)
+        self.prompt_encoder: PromptEncoder | None = None  # made once the model's tokenizer is loaded
 
     def engine_stats(self) -> dict[str, Any] | None:
         return self.engine.stats() if self.engine.ready else None
