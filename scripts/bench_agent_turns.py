@@ -4,7 +4,7 @@ One chat session whose history is --history-words long (system prompt and turns 
 tiny tokenizer makes ~2.4 tokens of a word, so 13,000 words are ~32k tokens: the rows show the count),
 then --turns turns, each the last prompt plus the answer and a short user message: the first turn
 is cold, every later one a GPU-tier hit on all but its new tokens. TTFT = the first streamed chunk
-with text. Run it against servers that differ in one setting to see what that setting costs a turn.
+(the server sends it with the first token, whatever its text). Run it against servers that differ in one setting to see what that setting costs a turn.
 
     python scripts/bench_agent_turns.py --url http://127.0.0.1:8000 [--history-words 13000] [--turns 6]
 """
@@ -57,7 +57,7 @@ def main() -> None:
             stream_options={"include_usage": True}, extra_body={"cache_salt": salt, "ignore_eos": True},
         )  # fmt: skip
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content and ttft is None:
+            if chunk.choices and ttft is None:  # the server sends the first chunk with the first token
                 ttft = time.perf_counter() - t0
             if chunk.choices:
                 answer += chunk.choices[0].delta.content or ""
