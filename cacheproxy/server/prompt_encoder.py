@@ -15,6 +15,7 @@ tokenized whole.
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from array import array
 from collections import OrderedDict
@@ -39,7 +40,7 @@ class _Remembered:
 
     @property
     def nbytes(self) -> int:
-        return len(self.text) + 4 * len(self.ids)
+        return sys.getsizeof(self.text) + self.ids.itemsize * len(self.ids)
 
 
 class PromptEncoder:
