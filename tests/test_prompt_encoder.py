@@ -95,6 +95,8 @@ def _metaspace_model(folder: Path, prepend: str) -> Path:
                                   initial_alphabet=list("▁") + [f"<0x{i:02X}>" for i in range(256)])  # fmt: skip
     tok.train_from_iterator(corpus, trainer)
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    # one that takes the whitespace before it (as some tokenizers' <mask> does): never a place to cut
+    tok.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False, special=True)])
     folder.mkdir(parents=True)
     tok.save(str(folder / "tokenizer.json"))
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -113,9 +115,10 @@ def test_a_sentencepiece_style_tokenizer_is_either_reused_exactly_or_tokenized_w
     encoder = PromptEncoder(tokenizer, max_bytes=1 << 20)
     for turns in [_conversation(random.Random(s), 6) for s in range(3)]:
         for msgs in turns:
-            msgs = [{**m, "content": m["content"] or ""} for m in msgs if m["role"] != "tool"]
+            msgs = [{**m, "content": (m["content"] or "") + "  <mask> x"} for m in msgs if m["role"] != "tool"]
             text = tokenizer.apply_chat_template(msgs)
             assert encoder.encode(text, "t") == tokenizer.encode(text, add_special_tokens=False)
+    assert encoder.tokens_reused > 0
 
 
 def test_a_long_agent_turn_reuses_all_but_its_new_turn(tokenizer: Tokenizer) -> None:

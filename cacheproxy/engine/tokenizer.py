@@ -238,6 +238,10 @@ class Tokenizer:
         enc = self._tok.encode(text, add_special_tokens=False)
         return enc.ids, [start for start, _ in enc.offsets]
 
+    def added_token_texts(self) -> list[str]:
+        """Every added token's text (the tokenizer finds these in a text before anything else)."""
+        return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.content]
+
     def boundary_tokens(self) -> dict[str, int]:
         """Added tokens matched as written with no whitespace taken from before them (text -> id): the
         tokenizer splits text at them before anything else, so no token spans one's start."""

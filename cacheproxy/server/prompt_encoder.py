@@ -57,8 +57,10 @@ class PromptEncoder:
         self._boundary_ids = set(boundaries.values())
         self._pattern: re.Pattern[str] | None = None
         if max_bytes > 0 and boundaries:
-            # longest first: at one place the tokenizer takes the longest added token that matches
-            alternatives = sorted(boundaries, key=len, reverse=True)
+            # Every added token, longest first, as the tokenizer scans for them (leftmost, then longest):
+            # the places found are where its scan splits the text; cuts are kept only at those where a
+            # boundary token starts.
+            alternatives = sorted(set(tokenizer.added_token_texts()), key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(t) for t in alternatives))
             if not self._holds_on_probes():
                 log.warning("prompts are tokenized whole: this tokenizer's output before an added token "
