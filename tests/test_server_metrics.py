@@ -88,6 +88,10 @@ def test_metrics_expose_every_family_and_ttft_is_split_by_cache_outcome(
     for tier in lower:  # per-tier event counters, e.g. corrupt entries dropped
         assert sample(after, "cacheproxy_kv_tier_events", "cacheproxy_kv_tier_events_total", tier=tier,
                       event="corrupt_dropped") == engine["tiers"][tier]["corrupt_dropped"]
+    # chat prompts: the second ask's prompt was the first's, so all but its tail came from memory
+    tokenized = {s.labels["how"]: s.value for s in after["cacheproxy_chat_prompt_tokens"].samples}
+    assert tokenized["reused"] > 0 and tokenized["tokenized"] > 0
+    assert tokenized == engine["prompt_tokens"]  # read at scrape time, as the engine's counters are
     for plan in ("load", "recompute", "split"):  # the cost model's choices for lower-tier prefixes
         assert sample(after, "cacheproxy_prefix_plans", "cacheproxy_prefix_plans_total", plan=plan) == \
             engine["prefix_cache"]["plans"][plan]

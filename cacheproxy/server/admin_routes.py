@@ -63,7 +63,7 @@ async def admin_stats(request: web.Request) -> web.Response:
     state = _ready_admin(request)
     recent = list(state.recent)  # a snapshot; summarizing 100k records runs off the event loop
     summary = await state.run_blocking(summarize_records, recent)
-    engine_stats: dict[str, Any] = await state.run_blocking(state.engine.stats)
+    engine_stats: dict[str, Any] | None = await state.run_blocking(state.engine_stats)
     return web.json_response({
         "model": state.engine.model_name,
         "uptime_s": time.time() - state.started_at,

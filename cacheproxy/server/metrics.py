@@ -100,6 +100,15 @@ class EngineStatsCollector(Collector):
             transfers.add_metric([src, dst], n)
         yield transfers
 
+        if "prompt_tokens" in stats:
+            prompt_tokens = CounterMetricFamily(
+                "cacheproxy_chat_prompt_tokens",
+                "Chat prompt tokens by how the server got them: tokenized, or reused from a recent prompt "
+                "of the same namespace that the new one extends.", labels=["how"])  # fmt: skip
+            for how, n in sorted(stats["prompt_tokens"].items()):
+                prompt_tokens.add_metric([how], n)
+            yield prompt_tokens
+
         reqs = stats.get("requests", {})
         requests = GaugeMetricFamily("cacheproxy_requests", "Requests in the engine.", labels=["state"])
         requests.add_metric(["running"], reqs.get("running", 0))

@@ -44,7 +44,14 @@ class ServerState:
         self.prompt_encoder: PromptEncoder | None = None  # made once the model's tokenizer is loaded
 
     def engine_stats(self) -> dict[str, Any] | None:
-        return self.engine.stats() if self.engine.ready else None
+        """The engine's stats, with the server's prompt tokenization beside them."""
+        if not self.engine.ready:
+            return None
+        stats = self.engine.stats()
+        encoder = self.prompt_encoder
+        if encoder is not None:
+            stats = {**stats, "prompt_tokens": {"reused": encoder.tokens_reused, "tokenized": encoder.tokens_encoded}}
+        return stats
 
     def record(self, rec: RequestRecord) -> None:
         self.recent.append(rec)
