@@ -9,9 +9,7 @@ shift || true
 mkdir -p "$out"
 work=$(mktemp -d)
 port=${PORT:-8012}
-python3 scripts/make_tiny_model.py "$work/llama3-8b-shape" --layers 32 --hidden 4096 --heads 32 --kv-heads 8 \
-  --head-dim 128 --intermediate 14336 --vocab 128256 --max-positions 40960 --rope-theta 500000 \
-  --dtype bfloat16 --no-weights >/dev/null
+scripts/llama3_8b_shape.sh "$work/llama3-8b-shape"
 run() {  # $1: label, $2: extra serve flags
   python3 -m cacheproxy.cli serve --model "$work/llama3-8b-shape" --load-format dummy --device cuda \
     --data-dir "$work/data-$1" --port "$port" $2 >"$out/server-$1.log" 2>&1 &
