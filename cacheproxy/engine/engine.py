@@ -325,7 +325,7 @@ class LLMEngine:
         structured = params.structured
         if structured is not None and structured.tentative:
             seq.tentative_matcher = self.grammars.matcher(structured)
-        elif structured is not None and structured.after_token is None:
+        elif structured is not None and not structured.lazy:
             seq.matcher = self.grammars.matcher(structured)
         # Until min_tokens the tokens that would end the text are not drawn (as vLLM does); a structured
         # output ends where its constraint says.

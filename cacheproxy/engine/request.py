@@ -40,6 +40,11 @@ class StructuredOutput:
     # tell one tenant what another asked for. Not part of the grammar.
     scope: str = ""
 
+    @property
+    def lazy(self) -> bool:
+        """Free text until the model begins what it describes (after_token or tentative)."""
+        return self.after_token is not None or self.tentative
+
 
 @dataclass(slots=True)
 class SamplingParams:

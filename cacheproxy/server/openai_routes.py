@@ -582,8 +582,7 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         bias = _logit_bias(req, state.engine.tokenizer.vocab_size)
         structured = await _structured(state, req, salt, "response_format" if resp_req is None else "text.format")
         # (a lazy constraint, for calls the model may make, leaves the answer's start alone)
-        shaped_from_start = structured is not None and structured.after_token is None and not structured.tentative
-        if shaped_from_start and structured.kind in ("json_schema", "choice", "lark"):  # type: ignore[union-attr]
+        if structured is not None and not structured.lazy and structured.kind in ("json_schema", "choice", "lark"):
             for prompt in prompts:
                 # a JSON, choice or tool-call constraint shapes the answer from its first token, even
                 # after a prompt that opened a <think> block (a user's regex or grammar may write one)
