@@ -134,3 +134,11 @@ def test_a_long_agent_turn_reuses_all_but_its_new_turn(tokenizer: Tokenizer) -> 
     assert encoder.encode(after, "") == whole and len(whole) > 20_000
     assert encoder.tokens_encoded - before_encoded < 30  # the new user turn and the generation prompt
     assert encoder.tokens_reused - before_reused == len(whole) - (encoder.tokens_encoded - before_encoded)
+
+
+def test_a_template_that_renders_no_probe_leaves_prompts_tokenized_whole(tmp_path: Path) -> None:
+    folder = make_tiny_model(tmp_path / "m", "qwen2", weights=False)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ raise_exception('this template takes no conversation') }}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not PromptEncoder(Tokenizer(folder), max_bytes=1 << 20).enabled  # nothing checked, nothing trusted

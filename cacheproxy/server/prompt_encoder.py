@@ -138,17 +138,21 @@ class PromptEncoder:
     def _holds_on_probes(self) -> bool:
         """Whether, on texts the chat template renders, every cut gives the whole encode's ids."""
         texts = []
+        system = {"role": "system", "content": "You are terse.  Answer in one line.\n"}
         turns = [
-            {"role": "system", "content": "You are terse.  Answer in one line.\n"},
             {"role": "user", "content": " Héllo wörld — 你好 🙂\n\n  spaced  "},
             {"role": "assistant", "content": "Sure:\tdone.  "},
             {"role": "user", "content": "again?"},
         ]
-        for n in range(1, len(turns) + 1):
-            try:
-                texts.append(self._tok.apply_chat_template(turns[:n], add_generation_prompt=n % 2 == 0))
-            except (ChatTemplateError, ValueError):
-                continue
+        # with and without a system turn: some templates refuse one
+        for conversation in (turns[:1], turns):
+            for messages in (conversation, [system, *conversation]):
+                try:
+                    texts.append(self._tok.apply_chat_template(messages))
+                except (ChatTemplateError, ValueError):
+                    continue
+        if not texts:
+            return False  # nothing to check it on: not taken on trust
         assert self._pattern is not None
         for text in texts:
             ids, starts = self._tok.encode_with_starts(text)
