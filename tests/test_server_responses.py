@@ -130,6 +130,7 @@ def test_a_streamed_function_call_comes_as_its_item_and_argument_events(client: 
      ({"tools": [{"type": "web_search"}]}, "tools[0]", "only function tools"),
      ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input[0]",
       "only text parts"),
+     ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0]", "needs its text"),
      ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]", "not supported"),
      ({"text": {"format": {"type": "yaml"}}}, "text.format", "text.format.type"),
      ({"background": True}, "background", "background"),

@@ -257,3 +257,4 @@ def test_a_constraint_that_cannot_be_honoured_is_a_400_naming_it(
     assert needle in body["message"] and body["param"] == param, body
     ok = client.chat.completions.create(model=SERVED_MODEL, messages=MESSAGES, max_tokens=2)
     assert ok.choices[0].message.content is not None
+

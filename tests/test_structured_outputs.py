@@ -256,3 +256,12 @@ def test_a_compiled_constraint_is_shared_within_its_scope_only(engine: LLMEngine
     engine.check_structured(mine)
     assert engine.structured_compiled(mine) and not engine.structured_compiled(theirs)
     assert engine.structured_compiled(StructuredOutput("json_schema", schema, scope="tenant-a"))
+
+
+def test_a_constraint_the_grammar_engine_chokes_on_is_refused_in_a_short_message(engine: LLMEngine) -> None:
+    # 70,000 choices overflow the grammar engine's symbol table: its panic becomes one bounded line
+    spec = StructuredOutput("choice", json.dumps([f"c{i}" for i in range(70_000)]))
+    with pytest.raises(EngineError) as err:
+        engine.check_structured(spec)
+    message = str(err.value)
+    assert message.startswith("invalid choice") and "backtrace" not in message and len(message) < 700, message

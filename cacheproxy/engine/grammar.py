@@ -43,6 +43,12 @@ def _grammar(spec: StructuredOutput) -> str:
     return llguidance.grammar_from("grammar", spec.spec)
 
 
+def _said(error: str, limit: int = 600) -> str:
+    """The grammar engine's error as a client should read it: no backtrace of its internals, bounded."""
+    error = error.split("\n<backtrace>", 1)[0].strip()
+    return error if len(error) <= limit else error[:limit] + " …"
+
+
 class TokenMatcher:
     """One sequence's place in its constraint."""
 
@@ -126,10 +132,10 @@ class GrammarCompiler:
         try:
             grammar = _grammar(spec)
         except (ValueError, TypeError) as exc:
-            raise EngineError(f"invalid {spec.kind}: {exc}", "invalid_value") from None
+            raise EngineError(f"invalid {spec.kind}: {_said(str(exc))}", "invalid_value") from None
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)  # drops the GIL while compiling
         if matcher.is_error():
-            raise EngineError(f"invalid {spec.kind}: {matcher.get_error()}", "invalid_value")
+            raise EngineError(f"invalid {spec.kind}: {_said(matcher.get_error())}", "invalid_value")
         with self._lock:
             self._compiled[spec] = matcher
             while len(self._compiled) > _CACHED_GRAMMARS:

@@ -468,9 +468,12 @@ def _item_text(content: Any, param: str) -> str | None:
         texts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            if kind not in ("input_text", "output_text", "text"):
                 raise ApiError(400, f"{param}: content parts of type {kind!r} are not supported; only text parts are",
                                code="unsupported_value", param=param)  # fmt: skip
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{param}: a {kind} part needs its text (a string)", code="invalid_value",
+                               param=param)  # fmt: skip
             texts.append(part["text"])
         return "".join(texts)
     raise ApiError(400, f"{param}: content must be a string or a list of text parts", code="invalid_value",
