@@ -142,3 +142,20 @@ def test_a_template_that_renders_no_probe_leaves_prompts_tokenized_whole(tmp_pat
     config["chat_template"] = "{{ raise_exception('this template takes no conversation') }}"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     assert not PromptEncoder(Tokenizer(folder), max_bytes=1 << 20).enabled  # nothing checked, nothing trusted
+
+
+def test_threads_encoding_at_once_each_get_the_whole_encodes_ids(tokenizer: Tokenizer) -> None:
+    # the server tokenizes on a pool of threads: lookups, insertions and evictions interleave
+    from concurrent.futures import ThreadPoolExecutor
+
+    encoder = PromptEncoder(tokenizer, max_bytes=256 << 10)
+    sessions = [(f"tenant-{i % 2}", _conversation(random.Random(100 + i), 8)) for i in range(8)]
+
+    def run(session: tuple[str, list[list[dict[str, Any]]]]) -> bool:
+        scope, turns = session
+        return all(encoder.encode(text, scope) == tokenizer.encode(text, add_special_tokens=False)
+                   for text in (tokenizer.apply_chat_template(t, tools=[TOOL]) for t in turns))  # fmt: skip
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(run, sessions))
+    assert encoder.tokens_reused > 0
