@@ -115,6 +115,8 @@ def live_figures(admin_stats: dict[str, Any], url: str = "") -> dict[str, Any]:
                                 "token_hit_rate": sum(hits.values()) / queried if queried else 0.0},
         "tiers": tiers,
         "evictions": sum(t["evictions"] for t in tiers.values()),
+        # chat prompts' tokens: reused from a recent prompt of the same namespace, or tokenized
+        "chat_prompt_tokens": {k: int(v) for k, v in (engine.get("prompt_tokens") or {}).items()},
     }
 
 
@@ -262,7 +264,13 @@ def live_renderable(fig: dict[str, Any]) -> RenderableType:
     for name, t in fig["tiers"].items():
         tiers.add_row(name, fmt_bytes(t["used_bytes"]), fmt_bytes(t["capacity_bytes"]),
                       fmt_pct(t["used_fraction"]), f"{t['entries']:,}", f"{t['evictions']:,}")
-    return Group(head, _requests_line(fig), _tokens_table(fig), _ttft_table(fig), tiers)
+    parts: list[RenderableType] = [head, _requests_line(fig), _tokens_table(fig), _ttft_table(fig), tiers]
+    chat = fig.get("chat_prompt_tokens") or {}
+    total = sum(chat.values())
+    if total:
+        parts.append(Text(f"Chat prompt tokens: {chat.get('reused', 0):,} reused from recent prompts, "
+                          f"{chat.get('tokenized', 0):,} tokenized ({fmt_pct(chat.get('reused', 0) / total)} reused)"))  # fmt: skip
+    return Group(*parts)
 
 
 def _groups_table(title: str, label: str, groups: dict[str, dict[str, Any]], top: int | None = None) -> Table:

@@ -109,6 +109,21 @@ def test_stats_json_hit_tokens_equal_the_cached_tokens_the_responses_reported(
     assert f"{after['tokens']['cached']:,}" in table and "Time to first token" in table and "gpu" in table
 
 
+def test_stats_show_how_many_chat_prompt_tokens_were_reused(srv: ServerProcess,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    before = cli_json(capsys, "stats", *admin(srv), "--json")["chat_prompt_tokens"]
+    history = [{"role": "user", "content": "the first question, at some length " * 20}]
+    for turn in range(2):  # the second prompt extends the first
+        history.append({"role": "user" if turn else "assistant", "content": f"turn {turn}"})
+        reply = srv.request("POST", "/v1/chat/completions", {"model": SERVED_MODEL, "messages": history,
+                                                             "max_tokens": 1}, key=ALICE_KEY)  # fmt: skip
+        assert reply.status == 200, reply.body
+    after = cli_json(capsys, "stats", *admin(srv), "--json")["chat_prompt_tokens"]
+    assert after["reused"] - before.get("reused", 0) > 100 and after["tokenized"] > before.get("tokenized", 0)
+    code, out, _ = run_cli(capsys, "stats", *admin(srv))
+    assert code == 0 and "reused from recent prompts" in out
+
+
 def test_stats_watch_refreshes_until_the_count(srv: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "stats", *admin(srv), "--json", "--watch", "0.05", "--count", "3")
     lines = [json.loads(line) for line in out.splitlines()]
