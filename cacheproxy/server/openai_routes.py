@@ -473,17 +473,19 @@ async def _structured(state: ServerState, req: ChatCompletionRequest | Completio
         elif req.add_generation_prompt:
             strict = frozenset(t.function.name for t in req.tools if t.function.strict)
             structured, param = auto_call_grammar(fmt, tools, strict, markers, parallel), "tools"
-            if structured is not None:
-                structured = dataclasses.replace(structured, scope=scope)
-                try:
-                    await state.engine.check_structured(structured)
-                except EngineError as exc:
-                    # Only a strict schema asks for the guarantee; otherwise, or where the tokenizer
-                    # allows no constraint at all, calls are left unguided (as other servers leave them).
-                    if strict and exc.code != "unsupported_value":
-                        raise ApiError(exc.status, str(exc), code=exc.code, param=param) from None
-                    log.info("tool calls left unguided", reason=str(exc)[:200])
-                    return None
+            if structured is None:
+                return None
+            structured = dataclasses.replace(structured, scope=scope)
+            try:
+                await state.engine.check_structured(structured)
+            except EngineError as exc:
+                # Only a strict schema asks for the guarantee; otherwise, or where the tokenizer allows
+                # no constraint at all, calls are left unguided (as other servers leave them).
+                if strict and exc.code != "unsupported_value":
+                    raise ApiError(exc.status, str(exc), code=exc.code, param=param) from None
+                log.info("tool calls left unguided", reason=str(exc)[:200])
+                return None
+            return structured
     if structured is None:
         return None
     structured = dataclasses.replace(structured, scope=scope)

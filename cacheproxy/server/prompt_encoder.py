@@ -52,7 +52,8 @@ class PromptEncoder:
         self.tokens_reused = 0  # ids taken from remembered prompts, over all calls
         self.tokens_encoded = 0  # ids the tokenizer made, over all calls
         self._prompts: OrderedDict[int, _Remembered] = OrderedDict()  # id(entry) -> entry, oldest first
-        self._index: dict[tuple[str, int], _Remembered] = {}  # (scope, chain hash at a cut) -> entry
+        # (scope, chain hash at a cut) -> the newest prompt with that cut, and the cut
+        self._index: dict[tuple[str, int], tuple[_Remembered, tuple[int, int, int]]] = {}
         boundaries = tokenizer.boundary_tokens()
         self._boundary_ids = set(boundaries.values())
         self._pattern: re.Pattern[str] | None = None
@@ -99,12 +100,12 @@ class PromptEncoder:
                         ) -> tuple[_Remembered, int, int] | None:  # fmt: skip
         with self._lock:
             for place, h in zip(reversed(places), reversed(hashes), strict=True):
-                entry = self._index.get((scope, h))
-                if entry is None:
+                hit = self._index.get((scope, h))
+                if hit is None:
                     continue
-                cut = next((c for c in entry.cuts if c[0] == place and c[2] == h), None)
+                entry, cut = hit
                 # the hash chain names the text; the comparison makes a collision harmless
-                if cut is not None and cut[0] > 0 and entry.text[: cut[0]] == text[: cut[0]]:
+                if cut[0] == place > 0 and entry.text[:place] == text[:place]:
                     self._prompts.move_to_end(id(entry))
                     return entry, cut[0], cut[1]
         return None
@@ -127,12 +128,12 @@ class PromptEncoder:
             self._prompts[id(entry)] = entry
             self._bytes += entry.nbytes
             for cut in entry.cuts:
-                self._index[(scope, cut[2])] = entry  # the newest prompt answers for a shared start
+                self._index[(scope, cut[2])] = (entry, cut)  # the newest prompt answers for a shared start
             while self._bytes > self._max_bytes and self._prompts:
                 _, old = self._prompts.popitem(last=False)
                 self._bytes -= old.nbytes
                 for cut in old.cuts:
-                    if self._index.get((old.scope, cut[2])) is old:
+                    if self._index.get((old.scope, cut[2]), (None,))[0] is old:
                         del self._index[(old.scope, cut[2])]
 
     def _holds_on_probes(self) -> bool:
